@@ -1,0 +1,119 @@
+//! The `Distributor` trait: the contract every adapter implements.
+//!
+//! # Lifecycle
+//!
+//! 1. The orchestrator submits a task to the engine, naming a distributor instance.
+//! 2. The engine validates the payload against the kind's schema, stores the execution and its
+//!    [`RequestId`](crate::RequestId) (the intent log), then calls [`Distributor::run`].
+//! 3. The work reports back by push ([`Distributor::handle_notification`], after the engine has
+//!    authenticated it) or the engine pulls ([`Distributor::status`]) at the adapter's poll hint.
+//!    Polling is also the hedge for lost pushes.
+//! 4. On a restart the engine calls [`Distributor::recover`] for every execution still in flight.
+//! 5. On cancel or a run timeout the engine calls [`Distributor::cancel`] and then polls until the
+//!    work is confirmed stopped.
+//!
+//! # Retries
+//!
+//! Every method returning [`Result`] follows one rule: an error for which
+//! [`Error::is_transient`](crate::Error::is_transient) is true MAY be retried by the engine, with
+//! exponential backoff, as many times as its policy allows; any other error is final for that
+//! call. After a permanent error or a success the engine makes a best effort not to repeat the call,
+//! but does not guarantee it: every method MUST therefore be safe to call again.
+
+use std::fmt::Debug;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use url::Url;
+
+use crate::error::{Error, Result, ValidationError};
+use crate::types::{
+    Capabilities, DeferredWork, Execution, Launch, Notification, Status, TaskDescription,
+};
+
+/// An execution backend adapter. Dyn-compatible; the engine holds it as `Arc<dyn Distributor>`.
+#[async_trait]
+pub trait Distributor: Send + Sync + Debug + 'static {
+    /// Starts the work for one execution.
+    ///
+    /// MUST be idempotent per `task.request_id`: a second call with the same request id MUST NOT
+    /// start a second piece of work and SHOULD return the same token. Adapters dedupe in the
+    /// backend where it can (a job name or comment, a message id, a pid file), because the engine
+    /// repeats `run` after a crash between storing its intent and recording the launch.
+    ///
+    /// Errors: transient → the engine retries with backoff; permanent → the execution ends
+    /// `Rejected` with the error text as the reason.
+    async fn run(&self, task: &TaskDescription) -> Result<Launch>;
+
+    /// Asks the backend to stop the work.
+    ///
+    /// MUST be idempotent: cancelling work that already finished, was already cancelled, or is
+    /// unknown to the backend returns `Ok(())`. Returning `Ok` does not mean the work has stopped:
+    /// the engine records `Cancelled` only once `status` reports the work finished (or the stop
+    /// deadline passes). Transient errors are retried until the stop deadline.
+    async fn cancel(&self, execution: &Execution) -> Result<()>;
+
+    /// Reports where the work is: `Pending`, `Running` or `Finished(outcome)`.
+    ///
+    /// Work the backend does not know (any more) MUST be reported as
+    /// `Finished(Abnormal { kind: Missing, .. })`, not as an error. Transient errors are retried
+    /// at the next poll; a permanent error ends the execution `Crashed` with its text.
+    async fn status(&self, execution: &Execution) -> Result<Status>;
+
+    /// Reports the status of many executions of this distributor at once, one result per input
+    /// in the same order. The default loops over [`status`](Self::status); adapters whose backend
+    /// can answer for many jobs in one request override it and set
+    /// [`Capabilities::batch_status`].
+    async fn status_batch(&self, executions: &[Execution]) -> Vec<Result<Status>> {
+        let mut out = Vec::with_capacity(executions.len());
+        for e in executions {
+            out.push(self.status(e).await);
+        }
+        out
+    }
+
+    /// Where a person can look at the work. MUST be pure and local: no I/O, the same answer for
+    /// the same execution every time, and it MUST NOT fail for tokens it does not recognise.
+    fn info_url(&self, execution: &Execution) -> Option<Url>;
+
+    /// Interprets a push that the engine has already authenticated (its `auth_token` attribute
+    /// removed, its sequence checked).
+    ///
+    /// `Ok(None)` means "nothing to record" (ignore it). It MUST NOT panic on any input: garbage
+    /// is `Ok(None)` or a permanent error. It MAY treat the push as a poke and call `status`.
+    async fn handle_notification(
+        &self,
+        execution: &Execution,
+        notification: &Notification,
+    ) -> Result<Option<Status>>;
+
+    /// Semantic payload checks beyond the kind's JSON Schema, which the registry has already
+    /// applied (see [`Instance::validate`](crate::Instance::validate)). The default accepts
+    /// everything the schema accepts. Runs at submit, synchronously: no I/O.
+    fn validate(&self, payload: &Value) -> Result<(), ValidationError> {
+        let _ = payload;
+        Ok(())
+    }
+
+    /// What this adapter can do. MUST be constant for the instance's lifetime.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Re-attaches to work started before an orchestrator restart (Nomad's RecoverTask), using
+    /// the persisted handle, and reports its status. The default asks `status`. Adapters that keep
+    /// per-execution state in memory (watchers, supervisors) override it and set
+    /// [`Capabilities::recover`].
+    async fn recover(&self, execution: &Execution) -> Result<Status> {
+        self.status(execution).await
+    }
+
+    /// Handles work this adapter scheduled earlier on the engine's durable timer queue (DM's
+    /// HandleTaskQueueTask). Returns notifications, which the engine routes through
+    /// `handle_notification` for `work.execution_id`. The default refuses: adapters that never
+    /// schedule deferred work need not implement it.
+    async fn handle_deferred(&self, work: &DeferredWork) -> Result<Vec<Notification>> {
+        let _ = work;
+        Err(Error::Unsupported {
+            operation: "handle_deferred",
+        })
+    }
+}

@@ -1,0 +1,369 @@
+//! The registry of kinds: which adapter builds which config type.
+//!
+//! Adapter crates register themselves at link time:
+//!
+//! ```ignore
+//! inventory::submit!(distributor_core::Registration::of::<LocalConfig>());
+//! ```
+//!
+//! and [`Registry::from_inventory`] collects every registration linked into the binary.
+//!
+//! # The force-link rule
+//!
+//! rustc links only the crates a final artifact refers to (rust-lang/rust#64731): an adapter crate
+//! that is a dependency but never named is not linked, and its registration silently disappears.
+//! Every binary, integration test file and doctest that needs an adapter MUST name it, for
+//! example with `use distributor_local as _;`. Linking is transitive, so one crate that names every
+//! adapter can be named instead.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use schemars::JsonSchema;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::config::{ConfigHash, DistributorsConfig};
+use crate::distributor::Distributor;
+use crate::error::{Error, Result, ValidationError, nearest};
+use crate::schema::SchemaValidator;
+use crate::types::{DeferredWork, DistributorName, ExecutionId, KindName, Notification};
+
+/// A kind's config type. Implement it on the config struct of an adapter crate.
+///
+/// The config and payload types derive `serde::Deserialize` and `schemars::JsonSchema` (with
+/// `#[serde(deny_unknown_fields)]`, so that typos are caught); their JSON Schemas are derived from
+/// them and compiled once. No hand-written schemas.
+#[async_trait]
+pub trait KindConfig: DeserializeOwned + Serialize + JsonSchema + Send + Sync + 'static {
+    /// The kind name: the registry key and the `kind` field in distributor configs.
+    const KIND: &'static str;
+
+    /// The payload type of tasks for this kind.
+    type Payload: DeserializeOwned + JsonSchema;
+
+    /// Builds a distributor instance from a validated config.
+    ///
+    /// Errors: a permanent error means the config cannot work (the engine refuses to start with
+    /// it); a transient one means the backend is unreachable right now (the engine retries).
+    async fn build(self, ctx: BuildContext) -> Result<Arc<dyn Distributor>>;
+}
+
+/// What a factory receives besides its config.
+#[derive(Debug, Clone)]
+pub struct BuildContext {
+    /// The instance's name.
+    pub name: DistributorName,
+    /// Schedules deferred work on the engine's durable timer queue; it comes back through
+    /// `handle_deferred`.
+    pub deferred: DeferredQueue,
+    /// Pushes notifications into the engine in-process (for adapters whose work reports back to
+    /// this process: local supervisors, an embedded jobs server). Pushes MUST carry the
+    /// execution's `auth_token` attribute; the engine authenticates them like any other.
+    pub notifier: Notifier,
+}
+
+impl BuildContext {
+    /// A context for building an instance outside an engine (tests, tools): deferred work is
+    /// dropped.
+    pub fn detached(name: impl Into<DistributorName>) -> Self {
+        Self {
+            name: name.into(),
+            deferred: DeferredQueue::detached(),
+            notifier: Notifier::detached(),
+        }
+    }
+}
+
+/// An in-process channel into the engine's notification path.
+#[derive(Debug, Clone)]
+pub struct Notifier {
+    tx: Option<mpsc::UnboundedSender<(ExecutionId, Notification)>>,
+}
+
+impl Notifier {
+    /// A notifier feeding `tx` (the engine's side).
+    pub fn new(tx: mpsc::UnboundedSender<(ExecutionId, Notification)>) -> Self {
+        Self { tx: Some(tx) }
+    }
+    /// A notifier that drops everything (outside an engine).
+    pub fn detached() -> Self {
+        Self { tx: None }
+    }
+    /// Pushes `notification` about `execution`. Returns false if no engine is listening.
+    /// Delivery is best effort: the engine's polling is the hedge for anything lost.
+    pub fn send(&self, execution: ExecutionId, notification: Notification) -> bool {
+        self.tx
+            .as_ref()
+            .is_some_and(|tx| tx.send((execution, notification)).is_ok())
+    }
+}
+
+/// A handle to the engine's durable timer queue for one distributor instance.
+#[derive(Debug, Clone)]
+pub struct DeferredQueue {
+    name: Option<DistributorName>,
+    tx: Option<mpsc::UnboundedSender<(DistributorName, DeferredWork)>>,
+}
+
+impl DeferredQueue {
+    /// A queue feeding `tx`, tagged with the instance name (the engine's side).
+    pub fn new(
+        name: DistributorName,
+        tx: mpsc::UnboundedSender<(DistributorName, DeferredWork)>,
+    ) -> Self {
+        Self {
+            name: Some(name),
+            tx: Some(tx),
+        }
+    }
+    /// A queue that drops everything.
+    pub fn detached() -> Self {
+        Self {
+            name: None,
+            tx: None,
+        }
+    }
+    /// Schedules `work`. Returns false if no engine is listening (the work is dropped).
+    pub fn schedule(&self, work: DeferredWork) -> bool {
+        match (&self.name, &self.tx) {
+            (Some(n), Some(tx)) => tx.send((n.clone(), work)).is_ok(),
+            _ => false,
+        }
+    }
+}
+
+type Factory = fn(Value, BuildContext) -> BoxFuture<'static, Result<Arc<dyn Distributor>>>;
+
+/// One kind's entry: what `inventory::submit!` carries. Build it with [`Registration::of`].
+#[derive(Clone, Copy)]
+pub struct Registration {
+    kind: &'static str,
+    config_schema: fn() -> SchemaValidator,
+    payload_schema: fn() -> SchemaValidator,
+    factory: Factory,
+}
+
+inventory::collect!(Registration);
+
+impl fmt::Debug for Registration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registration")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registration {
+    /// The registration of config type `C`. `const`, so it can go in `inventory::submit!`.
+    pub const fn of<C: KindConfig>() -> Self {
+        Self {
+            kind: C::KIND,
+            config_schema: SchemaValidator::of::<C>,
+            payload_schema: SchemaValidator::of::<C::Payload>,
+            factory: factory::<C>,
+        }
+    }
+
+    /// The kind name.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+}
+
+fn factory<C: KindConfig>(
+    config: Value,
+    ctx: BuildContext,
+) -> BoxFuture<'static, Result<Arc<dyn Distributor>>> {
+    Box::pin(async move {
+        let config: C = serde_json::from_value(config)
+            .map_err(|e| Error::permanent(format!("config of distributor `{}`: {e}", ctx.name)))?;
+        config.build(ctx).await
+    })
+}
+
+/// A registered kind with its compiled schemas.
+#[derive(Debug, Clone)]
+pub struct Kind {
+    registration: Registration,
+    config_schema: SchemaValidator,
+    payload_schema: SchemaValidator,
+}
+
+impl Kind {
+    /// The kind name.
+    pub fn name(&self) -> KindName {
+        KindName::new(self.registration.kind)
+    }
+    /// The JSON Schema of its config.
+    pub fn config_schema(&self) -> &Value {
+        self.config_schema.schema()
+    }
+    /// The JSON Schema of its payloads.
+    pub fn payload_schema(&self) -> &Value {
+        self.payload_schema.schema()
+    }
+    /// Checks a config document (without `kind`) against the kind's config schema.
+    pub fn validate_config(&self, subject: &str, config: &Value) -> Result<(), ValidationError> {
+        self.config_schema.validate(subject, config)
+    }
+    /// Checks a payload against the kind's payload schema.
+    pub fn validate_payload(&self, payload: &Value) -> Result<(), ValidationError> {
+        self.payload_schema.validate(
+            &format!("payload for kind `{}`", self.registration.kind),
+            payload,
+        )
+    }
+    /// Builds an instance from a config that passed [`validate_config`](Self::validate_config).
+    pub async fn build(
+        &self,
+        config: Value,
+        ctx: BuildContext,
+        hash: ConfigHash,
+    ) -> Result<Instance> {
+        let name = ctx.name.clone();
+        let distributor = (self.registration.factory)(config.clone(), ctx).await?;
+        Ok(Instance {
+            name,
+            kind: self.clone(),
+            config,
+            hash,
+            distributor,
+        })
+    }
+}
+
+/// A built distributor instance with its kind, config snapshot and payload validator.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    name: DistributorName,
+    kind: Kind,
+    config: Value,
+    hash: ConfigHash,
+    distributor: Arc<dyn Distributor>,
+}
+
+impl Instance {
+    /// The instance name.
+    pub fn name(&self) -> &DistributorName {
+        &self.name
+    }
+    /// Its kind.
+    pub fn kind(&self) -> &Kind {
+        &self.kind
+    }
+    /// The config it was built from.
+    pub fn config(&self) -> &Value {
+        &self.config
+    }
+    /// The config's content hash.
+    pub fn config_hash(&self) -> &ConfigHash {
+        &self.hash
+    }
+    /// The adapter.
+    pub fn distributor(&self) -> &Arc<dyn Distributor> {
+        &self.distributor
+    }
+    /// Validates a payload: the kind's schema first (every violation, with pointers), then the
+    /// adapter's own semantic checks.
+    pub fn validate(&self, payload: &Value) -> Result<(), ValidationError> {
+        self.kind.validate_payload(payload)?;
+        self.distributor.validate(payload)
+    }
+}
+
+/// Kinds by name.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    kinds: BTreeMap<&'static str, Kind>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every registration linked into this binary (see the module docs on force-linking).
+    /// Errors with [`Error::DuplicateKind`] if two crates register the same kind.
+    pub fn from_inventory() -> Result<Self> {
+        let mut r = Self::new();
+        for reg in inventory::iter::<Registration> {
+            r.add(*reg)?;
+        }
+        Ok(r)
+    }
+
+    /// Adds config type `C` (for tests and embedders that do not use inventory).
+    pub fn register<C: KindConfig>(mut self) -> Result<Self> {
+        self.add(Registration::of::<C>())?;
+        Ok(self)
+    }
+
+    /// Adds a registration. Errors with [`Error::DuplicateKind`] if the kind is taken.
+    pub fn add(&mut self, reg: Registration) -> Result<()> {
+        if self.kinds.contains_key(reg.kind) {
+            return Err(Error::DuplicateKind(KindName::new(reg.kind)));
+        }
+        let kind = Kind {
+            registration: reg,
+            config_schema: (reg.config_schema)(),
+            payload_schema: (reg.payload_schema)(),
+        };
+        self.kinds.insert(reg.kind, kind);
+        Ok(())
+    }
+
+    /// The kind named `kind`, or [`Error::UnknownKind`] listing the known ones and the nearest.
+    pub fn kind(&self, kind: &str) -> Result<&Kind> {
+        self.kinds.get(kind).ok_or_else(|| Error::UnknownKind {
+            kind: kind.to_owned(),
+            known: self.kind_names(),
+            suggestion: nearest(kind, self.kinds.keys().copied()),
+        })
+    }
+
+    /// The registered kind names, sorted.
+    pub fn kind_names(&self) -> Vec<KindName> {
+        self.kinds.keys().map(|k| KindName::new(*k)).collect()
+    }
+
+    /// All kinds.
+    pub fn kinds(&self) -> impl Iterator<Item = &Kind> {
+        self.kinds.values()
+    }
+
+    /// Builds every instance of a (validated) config. Aliases map to their target's instance.
+    pub async fn build_all(
+        &self,
+        config: &DistributorsConfig,
+        deferred: impl Fn(&DistributorName) -> DeferredQueue,
+        notifier: &Notifier,
+    ) -> Result<BTreeMap<DistributorName, Instance>> {
+        let mut out = BTreeMap::new();
+        for (name, inst) in config.instances() {
+            let kind = self.kind(inst.kind.as_str())?;
+            let ctx = BuildContext {
+                name: name.clone(),
+                deferred: deferred(name),
+                notifier: notifier.clone(),
+            };
+            out.insert(
+                name.clone(),
+                kind.build(inst.config.clone(), ctx, inst.hash.clone())
+                    .await?,
+            );
+        }
+        for (alias, target) in config.aliases() {
+            if let Some(i) = out.get(target).cloned() {
+                out.insert(alias.clone(), i);
+            }
+        }
+        Ok(out)
+    }
+}
