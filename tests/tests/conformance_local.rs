@@ -1,0 +1,3 @@
+fn main() {
+    // placeholder: the local conformance run is being written
+}
