@@ -3,13 +3,19 @@
 
 mod config;
 mod distributor;
+pub mod engine;
 mod error;
 mod registry;
 mod schema;
+pub mod store;
 mod types;
+
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use config::{ConfigHash, DistributorsConfig, InstanceConfig};
 pub use distributor::Distributor;
+pub use engine::{Engine, EngineBuilder, Event, ExecutionRecord, RetryPolicy, Settings, State, Task};
 pub use error::{
     BoxError, ConfigError, ConfigProblem, Error, NotificationRejection, Result, ValidationError,
     Violation, nearest,

@@ -276,7 +276,7 @@ pub struct Execution {
 }
 
 /// Why an execution ended without a result.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AbnormalKind {
     /// The work ran and reported failure (non-zero exit…). Retryable.

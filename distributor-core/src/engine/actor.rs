@@ -1,0 +1,1228 @@
+//! The actor that owns every live execution. See the module docs of [`crate::engine`].
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tracing::Instrument;
+
+use super::auth::Auth;
+use super::state::{Actor as Who, CancelCause, ExecutionRecord, HistoryEntry, State};
+use super::{Catalog, Clock, Cmd, Event, Settings};
+use crate::config::ConfigHash;
+use crate::error::{Error, NotificationRejection, Result};
+use crate::registry::{BuildContext, DeferredQueue, Instance, Notifier, Registry};
+use crate::store::{Store, Write};
+use crate::types::*;
+
+/// What the actor needs to start.
+pub(crate) struct Init {
+    pub store: Arc<dyn Store>,
+    pub registry: Registry,
+    pub catalog: Catalog,
+    pub settings: Settings,
+    pub auth: Auth,
+    pub clock: Clock,
+    pub events: broadcast::Sender<Event>,
+    pub notifier: Notifier,
+    pub deferred: mpsc::UnboundedSender<(DistributorName, DeferredWork)>,
+    pub notify_target: Option<String>,
+    pub cmd_tx: mpsc::UnboundedSender<Cmd>,
+}
+
+/// Results of adapter calls, fed back to the actor.
+enum Done {
+    Run(ExecutionId, Result<Launch>),
+    Status(ExecutionId, Result<Status>, Who),
+    Cancel(ExecutionId, Result<()>),
+    Notification(ExecutionId, Result<Option<Status>>),
+    Deferred(u64, ExecutionId, Result<Vec<Notification>>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum TimerKey {
+    Exec(ExecutionId),
+    Deferred(u64),
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Busy {
+    run: bool,
+    poll: bool,
+    cancel: bool,
+}
+
+struct Dirty {
+    inserted: bool,
+    base_version: u64,
+    history: Vec<HistoryEntry>,
+}
+
+type ReplyFn = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
+
+enum Effect {
+    Run(ExecutionId),
+    Poll(ExecutionId, Who),
+    Recover(ExecutionId),
+    Cancel(ExecutionId),
+    Notification(ExecutionId, Notification),
+    Deferred(u64),
+    Event(Event),
+    Reply(ReplyFn),
+    Waiters(ExecutionId),
+}
+
+pub(crate) struct Actor {
+    store: Arc<dyn Store>,
+    registry: Registry,
+    settings: Settings,
+    auth: Auth,
+    clock: Clock,
+    events: broadcast::Sender<Event>,
+    notifier: Notifier,
+    deferred_tx: mpsc::UnboundedSender<(DistributorName, DeferredWork)>,
+    notify_target: Option<String>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: Option<mpsc::UnboundedReceiver<Done>>,
+    snapshots: HashMap<(DistributorName, ConfigHash), Instance>,
+    live: HashMap<ExecutionId, ExecutionRecord>,
+    timers: BTreeSet<(Timestamp, TimerKey)>,
+    wake_of: HashMap<TimerKey, Timestamp>,
+    busy: HashMap<ExecutionId, Busy>,
+    waiters: HashMap<ExecutionId, Vec<oneshot::Sender<Result<ExecutionRecord>>>>,
+    deferred: HashMap<u64, (DistributorName, DeferredWork)>,
+    next_id: u64,
+    next_deferred: u64,
+    dirty: HashMap<ExecutionId, Dirty>,
+    dirty_order: Vec<ExecutionId>,
+    extra_writes: Vec<Write>,
+    effects: Vec<Effect>,
+    dispatch_started: HashMap<ExecutionId, tokio::time::Instant>,
+}
+
+pub(crate) async fn route_deferred(
+    cmd: mpsc::UnboundedSender<Cmd>,
+    mut rx: mpsc::UnboundedReceiver<(DistributorName, DeferredWork)>,
+) {
+    while let Some((name, work)) = rx.recv().await {
+        if cmd.send(Cmd::Defer(name, work)).is_err() {
+            return;
+        }
+    }
+}
+
+fn backoff(settings: &Settings, n: u32) -> Duration {
+    let exp = settings.backoff_base.saturating_mul(1u32 << n.min(16));
+    let capped = exp.min(settings.backoff_max);
+    // Jitter: between half and all of the capped delay.
+    let f: f64 = 0.5 + rand::random::<f64>() * 0.5;
+    capped.mul_f64(f)
+}
+
+impl Actor {
+    /// Loads every live execution from the store and prepares to resume it.
+    pub(crate) async fn recover(init: Init) -> Result<Self> {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let _ = &init.cmd_tx;
+        let mut a = Actor {
+            store: init.store,
+            registry: init.registry,
+            settings: init.settings,
+            auth: init.auth,
+            clock: init.clock,
+            events: init.events,
+            notifier: init.notifier,
+            deferred_tx: init.deferred,
+            notify_target: init.notify_target,
+            done_tx,
+            done_rx: Some(done_rx),
+            snapshots: HashMap::new(),
+            live: HashMap::new(),
+            timers: BTreeSet::new(),
+            wake_of: HashMap::new(),
+            busy: HashMap::new(),
+            waiters: HashMap::new(),
+            deferred: HashMap::new(),
+            next_id: 1,
+            next_deferred: 1,
+            dirty: HashMap::new(),
+            dirty_order: Vec::new(),
+            extra_writes: Vec::new(),
+            effects: Vec::new(),
+            dispatch_started: HashMap::new(),
+        };
+        for inst in init.catalog.values() {
+            a.snapshots.insert((inst.name().clone(), inst.config_hash().clone()), inst.clone());
+        }
+        a.next_id = a.store.max_id().await? + 1;
+        for (id, name, work) in a.store.deferred().await? {
+            a.next_deferred = a.next_deferred.max(id + 1);
+            a.arm(TimerKey::Deferred(id), Some(work.due));
+            a.deferred.insert(id, (name, work));
+        }
+        let live = a.store.live().await?;
+        let recovered = live.len();
+        for rec in live {
+            let key = (rec.distributor.clone(), rec.config_hash.clone());
+            if !a.snapshots.contains_key(&key) {
+                match a.build_snapshot(&rec).await {
+                    Ok(inst) => {
+                        a.snapshots.insert(key, inst);
+                    }
+                    Err(e) => {
+                        tracing::error!(execution = %rec.id, error = %e, "cannot rebuild the distributor of a live execution; leaving it untouched");
+                        continue;
+                    }
+                }
+            }
+            let id = rec.id;
+            let state = rec.state;
+            metrics::gauge!("distributor_executions", "state" => state.as_str()).increment(1.0);
+            a.live.insert(id, rec);
+            match state {
+                State::Dispatching => {
+                    a.note(id, Who::Recovery, "re-dispatching after restart with the same request id");
+                    a.spawn_run(id);
+                }
+                State::Pending | State::Running => {
+                    a.busy.entry(id).or_default().poll = true;
+                    a.effects.push(Effect::Recover(id));
+                }
+                State::Cancelling => {
+                    let r = &a.live[&id];
+                    if r.token.is_some() && !r.cancel_sent {
+                        a.spawn_cancel(id);
+                    }
+                }
+                _ => {}
+            }
+            a.rearm(id);
+        }
+        if recovered > 0 {
+            tracing::info!(recovered, "engine recovered live executions");
+        }
+        Ok(a)
+    }
+
+    async fn build_snapshot(&self, rec: &ExecutionRecord) -> Result<Instance> {
+        let kind = self.registry.kind(rec.kind.as_str())?;
+        let ctx = BuildContext {
+            name: rec.distributor.clone(),
+            deferred: DeferredQueue::new(rec.distributor.clone(), self.deferred_tx.clone()),
+            notifier: self.notifier.clone(),
+        };
+        kind.build(rec.config.clone(), ctx, rec.config_hash.clone()).await
+    }
+
+    pub(crate) async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>, mut alive: watch::Receiver<()>) {
+        let Some(mut done_rx) = self.done_rx.take() else { return };
+        self.flush().await;
+        loop {
+            let wake = self.timers.first().map(|(t, _)| self.clock.instant_of(*t));
+            let mut stop = None;
+            tokio::select! {
+                biased;
+                _ = alive.changed() => return,
+                cmd = cmds.recv() => match cmd {
+                    Some(cmd) => {
+                        stop = self.on_cmd(cmd);
+                        let mut n = 1;
+                        while stop.is_none() && n < self.settings.max_batch {
+                            match cmds.try_recv() {
+                                Ok(cmd) => stop = self.on_cmd(cmd),
+                                Err(_) => break,
+                            }
+                            n += 1;
+                        }
+                        while let Ok(d) = done_rx.try_recv() {
+                            self.on_done(d);
+                        }
+                    }
+                    None => return,
+                },
+                d = done_rx.recv() => {
+                    if let Some(d) = d {
+                        self.on_done(d);
+                        let mut n = 1;
+                        while n < self.settings.max_batch {
+                            match done_rx.try_recv() {
+                                Ok(d) => self.on_done(d),
+                                Err(_) => break,
+                            }
+                            n += 1;
+                        }
+                    }
+                }
+                _ = async { match wake { Some(w) => tokio::time::sleep_until(w).await, None => std::future::pending().await } } => {
+                    self.fire_timers();
+                }
+            }
+            self.flush().await;
+            if let Some(tx) = stop {
+                let _ = tx.send(());
+                return;
+            }
+        }
+    }
+
+    // ----- record bookkeeping -------------------------------------------------------------
+
+    fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    fn mark(&mut self, id: ExecutionId) -> Option<&mut ExecutionRecord> {
+        let rec = self.live.get_mut(&id)?;
+        if !self.dirty.contains_key(&id) {
+            self.dirty.insert(id, Dirty { inserted: false, base_version: rec.version, history: Vec::new() });
+            self.dirty_order.push(id);
+        }
+        rec.version += 1;
+        rec.updated_at = self.clock.now();
+        Some(rec)
+    }
+
+    /// Moves `id` to `to` if the transition table allows it, with a history row.
+    fn transition(&mut self, id: ExecutionId, to: State, who: Who, reason: impl Into<String>) -> bool {
+        let Some(from) = self.live.get(&id).map(|r| r.state) else { return false };
+        if !from.can_move_to(to) {
+            tracing::debug!(execution = %id, %from, %to, "transition refused by the table");
+            return false;
+        }
+        let now = self.now();
+        let Some(rec) = self.mark(id) else { return false };
+        rec.state = to;
+        let entry = HistoryEntry { execution_id: id, version: rec.version, from: Some(from), to, at: now, actor: who, reason: reason.into() };
+        if let Some(d) = self.dirty.get_mut(&id) {
+            d.history.push(entry);
+        }
+        if from != to {
+            metrics::gauge!("distributor_executions", "state" => from.as_str()).decrement(1.0);
+            if !to.is_terminal() {
+                metrics::gauge!("distributor_executions", "state" => to.as_str()).increment(1.0);
+            }
+        }
+        true
+    }
+
+    /// A history row without a state change (a retried error, a refused cancel).
+    fn note(&mut self, id: ExecutionId, who: Who, reason: impl Into<String>) {
+        let now = self.now();
+        let Some(rec) = self.mark(id) else { return };
+        let entry = HistoryEntry { execution_id: id, version: rec.version, from: Some(rec.state), to: rec.state, at: now, actor: who, reason: reason.into() };
+        if let Some(d) = self.dirty.get_mut(&id) {
+            d.history.push(entry);
+        }
+    }
+
+    fn instance(&self, id: ExecutionId) -> Option<Instance> {
+        let rec = self.live.get(&id)?;
+        self.snapshots.get(&(rec.distributor.clone(), rec.config_hash.clone())).cloned()
+    }
+
+    fn poll_interval(&self, id: ExecutionId) -> Duration {
+        let Some(rec) = self.live.get(&id) else { return self.settings.poll_interval };
+        let push = self.instance(id).is_some_and(|i| i.distributor().capabilities().push_notifications);
+        match rec.state {
+            State::Cancelling => self.settings.cancel_poll_interval,
+            _ if push => self.settings.hedge_poll_interval,
+            _ => rec.poll_interval.unwrap_or(self.settings.poll_interval),
+        }
+    }
+
+    fn compute_wake(&self, rec: &ExecutionRecord) -> Option<Timestamp> {
+        let d = &rec.deadlines;
+        let cands: [Option<Timestamp>; 3] = match rec.state {
+            State::Queued => [Some(rec.retry_at.unwrap_or(rec.created_at)), None, None],
+            State::Dispatching => [rec.retry_at.filter(|_| !self.busy_of(rec.id).run), d.start_by, None],
+            State::Pending => [rec.next_poll, d.start_by, None],
+            State::Running => [rec.next_poll, d.finish_by, None],
+            State::Cancelling => [rec.next_poll, rec.cancel_by, rec.retry_at],
+            State::Succeeded | State::Abnormal(_) => [None, None, None],
+        };
+        cands.into_iter().flatten().min()
+    }
+
+    fn busy_of(&self, id: ExecutionId) -> Busy {
+        self.busy.get(&id).copied().unwrap_or_default()
+    }
+
+    fn arm(&mut self, key: TimerKey, at: Option<Timestamp>) {
+        if let Some(old) = self.wake_of.remove(&key) {
+            self.timers.remove(&(old, key));
+        }
+        if let Some(at) = at {
+            self.timers.insert((at, key));
+            self.wake_of.insert(key, at);
+        }
+    }
+
+    fn rearm(&mut self, id: ExecutionId) {
+        let at = self.live.get(&id).and_then(|r| self.compute_wake(r));
+        self.arm(TimerKey::Exec(id), at);
+    }
+
+    fn emit(&mut self, e: Event) {
+        self.effects.push(Effect::Event(e));
+    }
+
+    // ----- commands ---------------------------------------------------------------------
+
+    fn on_cmd(&mut self, cmd: Cmd) -> Option<oneshot::Sender<()>> {
+        match cmd {
+            Cmd::Submit(b, reply) => {
+                let (task, instance) = *b;
+                let id = self.submit(task, instance);
+                self.effects.push(Effect::Reply(Box::new(move |r| {
+                    let _ = reply.send(r.map(|()| id).map_err(store_failed));
+                })));
+            }
+            Cmd::Cancel(id, reason, reply) => self.on_cancel(id, reason, reply),
+            Cmd::Poke(id, reply) => {
+                let r = match self.live.get(&id) {
+                    Some(rec) if rec.token.is_some() && !rec.state.is_terminal() => {
+                        self.start_poll(id, Who::User);
+                        self.emit(Event::Poked { id });
+                        Ok(())
+                    }
+                    Some(_) => Ok(()),
+                    None => Err(id),
+                };
+                match r {
+                    Ok(()) => self.reply_after_commit(reply),
+                    Err(id) => self.answer_for_unknown(id, reply, |_| Ok(())),
+                }
+            }
+            Cmd::Notify(id, n, reply) => self.on_notify(id, n, reply),
+            Cmd::Wait(id, tx) => match self.live.get(&id) {
+                Some(r) if !r.state.is_terminal() => self.waiters.entry(id).or_default().push(tx),
+                Some(_) => self.waiters.entry(id).or_default().push(tx),
+                None => {
+                    let store = self.store.clone();
+                    tokio::spawn(async move {
+                        let r = match store.get(id).await {
+                            Ok(Some(rec)) => Ok(rec),
+                            Ok(None) => Err(Error::UnknownExecution(id)),
+                            Err(e) => Err(e),
+                        };
+                        let _ = tx.send(r);
+                    });
+                }
+            },
+            Cmd::Reload(catalog, reply) => {
+                for inst in catalog.values() {
+                    self.snapshots.insert((inst.name().clone(), inst.config_hash().clone()), inst.clone());
+                }
+                let names = catalog.keys().cloned().collect();
+                self.emit(Event::ConfigReloaded { names });
+                self.reply_after_commit(reply);
+            }
+            Cmd::Defer(name, work) => {
+                let id = self.next_deferred;
+                self.next_deferred += 1;
+                self.extra_writes.push(Write::PutDeferred { id, distributor: name.clone(), work: work.clone() });
+                self.arm(TimerKey::Deferred(id), Some(work.due));
+                self.deferred.insert(id, (name, work));
+            }
+            Cmd::Shutdown(tx) => return Some(tx),
+        }
+        None
+    }
+
+    fn reply_after_commit(&mut self, reply: oneshot::Sender<Result<()>>) {
+        self.effects.push(Effect::Reply(Box::new(move |r| {
+            let _ = reply.send(r.map_err(store_failed));
+        })));
+    }
+
+    /// Answers a command about an execution that is not live: `ok` if it exists (finished),
+    /// `UnknownExecution` otherwise.
+    fn answer_for_unknown(
+        &mut self,
+        id: ExecutionId,
+        reply: oneshot::Sender<Result<()>>,
+        ok: impl FnOnce(ExecutionRecord) -> Result<()> + Send + 'static,
+    ) {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let r = match store.get(id).await {
+                Ok(Some(rec)) => ok(rec),
+                Ok(None) => Err(Error::UnknownExecution(id)),
+                Err(e) => Err(e),
+            };
+            let _ = reply.send(r);
+        });
+    }
+
+    fn submit(&mut self, task: super::Task, instance: Instance) -> ExecutionId {
+        let id = ExecutionId(self.next_id);
+        self.next_id += 1;
+        let now = self.now();
+        let name = instance.name().clone();
+        let hash = instance.config_hash().clone();
+        self.snapshots.entry((name.clone(), hash.clone())).or_insert_with(|| instance.clone());
+        let rec = ExecutionRecord {
+            id,
+            task_id: TaskId(id.0),
+            attempt: Attempt(1),
+            request_id: RequestId::random(),
+            task,
+            distributor: name.clone(),
+            kind: instance.kind().name(),
+            config: instance.config().clone(),
+            config_hash: hash,
+            state: State::Queued,
+            version: 1,
+            token: None,
+            handle: AdapterHandle::default(),
+            outcome: None,
+            previous: None,
+            deadlines: Deadlines::default(),
+            cancel: None,
+            cancel_by: None,
+            stop_polls: 0,
+            transient_errors: 0,
+            retry_at: None,
+            cancel_sent: false,
+            earlier_kinds: Vec::new(),
+            next_poll: None,
+            poll_interval: None,
+            last_sequence: 0,
+            seen_messages: Vec::new(),
+            retried_by: None,
+            created_at: now,
+            updated_at: now,
+        };
+        self.insert(rec, Who::User, "submitted");
+        self.dispatch(id);
+        id
+    }
+
+    fn insert(&mut self, rec: ExecutionRecord, who: Who, reason: &str) {
+        let id = rec.id;
+        let entry = HistoryEntry { execution_id: id, version: rec.version, from: None, to: rec.state, at: rec.created_at, actor: who, reason: reason.into() };
+        self.emit(Event::Created { id, task_id: rec.task_id, attempt: rec.attempt.0, distributor: rec.distributor.clone() });
+        metrics::gauge!("distributor_executions", "state" => rec.state.as_str()).increment(1.0);
+        self.dirty.insert(id, Dirty { inserted: true, base_version: 0, history: vec![entry] });
+        self.dirty_order.push(id);
+        self.live.insert(id, rec);
+    }
+
+    fn dispatch(&mut self, id: ExecutionId) {
+        let now = self.now();
+        let (request_id, start) = match self.live.get(&id) {
+            Some(r) => (r.request_id.clone(), r.task.timeouts.start),
+            None => return,
+        };
+        if !self.transition(id, State::Dispatching, Who::Engine, format!("dispatching with request id {request_id}")) {
+            return;
+        }
+        if let Some(rec) = self.live.get_mut(&id) {
+            rec.retry_at = None;
+            if rec.deadlines.start_by.is_none() {
+                rec.deadlines.start_by = start.map(|d| now.plus(d));
+            }
+        }
+        self.dispatch_started.insert(id, tokio::time::Instant::now());
+        self.spawn_run(id);
+        self.rearm(id);
+    }
+
+    fn on_cancel(&mut self, id: ExecutionId, reason: String, reply: oneshot::Sender<Result<()>>) {
+        let Some(state) = self.live.get(&id).map(|r| r.state) else {
+            return self.answer_for_unknown(id, reply, |_| Ok(()));
+        };
+        if !state.is_terminal() && state != State::Cancelling {
+            self.begin_cancel(id, CancelCause::Requested { reason });
+        }
+        self.reply_after_commit(reply);
+    }
+
+    fn on_notify(&mut self, id: ExecutionId, n: Notification, reply: oneshot::Sender<Result<()>>) {
+        let reject = |reply: oneshot::Sender<Result<()>>, r| {
+            let _ = reply.send(Err(Error::NotificationRejected(r)));
+        };
+        let Some(rec) = self.live.get(&id) else {
+            return self.answer_for_unknown(id, reply, |_| Err(Error::NotificationRejected(NotificationRejection::Terminal)));
+        };
+        if rec.state.is_terminal() {
+            return reject(reply, NotificationRejection::Terminal);
+        }
+        if n.sequence.is_some_and(|s| s <= rec.last_sequence)
+            || n.message_id.as_ref().is_some_and(|m| rec.seen_messages.contains(m))
+        {
+            return reject(reply, NotificationRejection::Stale);
+        }
+        if let Some(rec) = self.mark(id) {
+            if let Some(s) = n.sequence {
+                rec.last_sequence = s;
+            }
+            if let Some(m) = &n.message_id {
+                rec.seen_messages.push(m.clone());
+                if rec.seen_messages.len() > 32 {
+                    rec.seen_messages.remove(0);
+                }
+            }
+        }
+        self.effects.push(Effect::Notification(id, n));
+        self.reply_after_commit(reply);
+    }
+
+    // ----- adapter results --------------------------------------------------------------
+
+    fn on_done(&mut self, d: Done) {
+        match d {
+            Done::Run(id, r) => self.on_run_done(id, r),
+            Done::Status(id, r, who) => {
+                if let Some(b) = self.busy.get_mut(&id) {
+                    b.poll = false;
+                }
+                self.on_status(id, r, who);
+            }
+            Done::Cancel(id, r) => self.on_cancel_done(id, r),
+            Done::Notification(id, r) => match r {
+                Ok(Some(st)) => self.apply_status(id, st, Who::Notification),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(execution = %id, error = %e, "adapter could not handle a notification"),
+            },
+            Done::Deferred(did, exec, r) => match r {
+                Ok(ns) => {
+                    self.deferred.remove(&did);
+                    self.extra_writes.push(Write::DeleteDeferred { id: did });
+                    for n in ns {
+                        if self.live.contains_key(&exec) {
+                            self.effects.push(Effect::Notification(exec, n));
+                        }
+                    }
+                }
+                Err(e) if e.is_transient() => {
+                    let at = self.clock.after(backoff(&self.settings, 1));
+                    self.arm(TimerKey::Deferred(did), Some(at));
+                }
+                Err(e) => {
+                    tracing::warn!(execution = %exec, error = %e, "deferred work failed permanently; dropped");
+                    self.deferred.remove(&did);
+                    self.extra_writes.push(Write::DeleteDeferred { id: did });
+                }
+            },
+        }
+    }
+
+    fn on_run_done(&mut self, id: ExecutionId, r: Result<Launch>) {
+        if let Some(b) = self.busy.get_mut(&id) {
+            b.run = false;
+        }
+        let Some(state) = self.live.get(&id).map(|r| r.state) else { return };
+        if state.is_terminal() {
+            return;
+        }
+        let now = self.now();
+        match r {
+            Ok(launch) => {
+                let token = launch.token.clone();
+                let interval = launch.poll_interval;
+                if let Some(rec) = self.mark(id) {
+                    rec.token = Some(launch.token);
+                    rec.handle = launch.handle;
+                    rec.poll_interval = interval;
+                    rec.transient_errors = 0;
+                    rec.retry_at = None;
+                }
+                if let Some(t0) = self.dispatch_started.remove(&id) {
+                    metrics::histogram!("distributor_dispatch_seconds").record(t0.elapsed().as_secs_f64());
+                }
+                self.emit(Event::Dispatched { id, token: token.clone() });
+                match state {
+                    State::Dispatching => {
+                        self.transition(id, State::Pending, Who::Adapter, format!("launched as {token}"));
+                        let iv = self.poll_interval(id);
+                        if let Some(rec) = self.live.get_mut(&id) {
+                            rec.next_poll = Some(now.plus(iv));
+                        }
+                    }
+                    State::Cancelling => self.send_cancel_or_finish(id),
+                    _ => {}
+                }
+            }
+            Err(e) if state == State::Cancelling => {
+                let cause = self.live.get(&id).and_then(|r| r.cancel.clone());
+                let kind = cause.as_ref().map_or(AbnormalKind::Cancelled, CancelCause::kind);
+                let why = cause.map(|c| c.describe()).unwrap_or_default();
+                self.finish(id, Outcome::abnormal(kind, format!("{why} before the work was launched (run: {e})")), Who::Adapter);
+            }
+            Err(e) if e.is_transient() => {
+                let n = self.live.get(&id).map_or(0, |r| r.transient_errors) + 1;
+                if n > self.settings.max_transient_run_errors {
+                    self.finish(id, Outcome::abnormal(AbnormalKind::Rejected, format!("gave up after {} transient run errors; last: {e}", n - 1)), Who::Adapter);
+                } else {
+                    let delay = backoff(&self.settings, n - 1);
+                    if let Some(rec) = self.mark(id) {
+                        rec.transient_errors = n;
+                        rec.retry_at = Some(now.plus(delay));
+                    }
+                    self.note(id, Who::Adapter, format!("run failed transiently ({n}): {e}; retrying in {delay:.1?}"));
+                }
+            }
+            Err(e) => self.finish(id, Outcome::abnormal(AbnormalKind::Rejected, e.to_string()), Who::Adapter),
+        }
+        self.rearm(id);
+    }
+
+    fn on_status(&mut self, id: ExecutionId, r: Result<Status>, who: Who) {
+        let Some(state) = self.live.get(&id).map(|r| r.state) else { return };
+        if state.is_terminal() {
+            return;
+        }
+        match r {
+            Ok(st) => self.apply_status(id, st, who),
+            Err(e) if e.is_transient() => {
+                let now = self.now();
+                let iv = self.poll_interval(id);
+                let settings = self.settings.clone();
+                if let Some(rec) = self.mark(id) {
+                    rec.transient_errors += 1;
+                    rec.next_poll = Some(now.plus(backoff(&settings, rec.transient_errors).min(iv)));
+                }
+                tracing::debug!(execution = %id, error = %e, "status failed transiently");
+                self.rearm(id);
+            }
+            Err(e) => {
+                let outcome = match self.live.get(&id).and_then(|r| r.cancel.clone()) {
+                    Some(c) => Outcome::abnormal(c.kind(), format!("{}; status failed: {e}", c.describe())),
+                    None => Outcome::abnormal(AbnormalKind::Crashed, format!("status failed: {e}")),
+                };
+                self.finish(id, outcome, who);
+            }
+        }
+    }
+
+    fn apply_status(&mut self, id: ExecutionId, st: Status, who: Who) {
+        let Some(rec) = self.live.get(&id) else { return };
+        let state = rec.state;
+        if state.is_terminal() {
+            return;
+        }
+        let now = self.now();
+        match st {
+            Status::Pending => {}
+            Status::Running => {
+                if matches!(state, State::Dispatching | State::Pending) {
+                    let run = rec.task.timeouts.run;
+                    self.transition(id, State::Running, who, "running");
+                    if let Some(rec) = self.live.get_mut(&id) {
+                        rec.deadlines.finish_by = run.map(|d| now.plus(d));
+                        rec.transient_errors = 0;
+                    }
+                    self.emit(Event::Started { id });
+                }
+            }
+            Status::Finished(outcome) => {
+                let outcome = match (&rec.cancel, state, outcome) {
+                    (_, _, o @ Outcome::Succeeded { .. }) => o,
+                    (Some(c), State::Cancelling, Outcome::Abnormal { reason, .. }) => {
+                        Outcome::abnormal(c.kind(), format!("{}; backend: {reason}", c.describe()))
+                    }
+                    (_, _, o) => o,
+                };
+                self.finish(id, outcome, who);
+                return;
+            }
+        }
+        let iv = self.poll_interval(id);
+        if let Some(rec) = self.live.get_mut(&id) {
+            if rec.token.is_some() {
+                rec.next_poll = Some(now.plus(iv));
+            }
+        }
+        self.rearm(id);
+    }
+
+    fn on_cancel_done(&mut self, id: ExecutionId, r: Result<()>) {
+        if let Some(b) = self.busy.get_mut(&id) {
+            b.cancel = false;
+        }
+        if self.live.get(&id).is_none_or(|r| r.state != State::Cancelling) {
+            return;
+        }
+        let now = self.now();
+        match r {
+            Ok(()) => {
+                if let Some(rec) = self.mark(id) {
+                    rec.cancel_sent = true;
+                    rec.retry_at = None;
+                }
+            }
+            Err(e) if e.is_transient() => {
+                let settings = self.settings.clone();
+                if let Some(rec) = self.mark(id) {
+                    rec.transient_errors += 1;
+                    rec.retry_at = Some(now.plus(backoff(&settings, rec.transient_errors)));
+                }
+                self.note(id, Who::Adapter, format!("cancel failed transiently: {e}"));
+            }
+            Err(e) => {
+                if let Some(rec) = self.mark(id) {
+                    rec.retry_at = None;
+                }
+                self.note(id, Who::Adapter, format!("cancel refused: {e}; waiting for the stop deadline"));
+            }
+        }
+        self.rearm(id);
+    }
+
+    // ----- decisions --------------------------------------------------------------------
+
+    fn begin_cancel(&mut self, id: ExecutionId, cause: CancelCause) {
+        let Some(rec) = self.live.get(&id) else { return };
+        let state = rec.state;
+        let stop = rec.task.timeouts.stop.unwrap_or(self.settings.default_stop_timeout);
+        let has_token = rec.token.is_some();
+        let run_in_flight = self.busy_of(id).run;
+        self.emit(Event::CancelRequested { id, cause: cause.clone() });
+        metrics::counter!("distributor_cancel_requested_total").increment(1);
+        match state {
+            State::Queued => {
+                self.finish(id, Outcome::abnormal(cause.kind(), format!("{} before dispatch", cause.describe())), Who::Engine);
+                return;
+            }
+            State::Dispatching if !run_in_flight && !has_token => {
+                self.finish(id, Outcome::abnormal(cause.kind(), format!("{} before the work was launched", cause.describe())), Who::Engine);
+                return;
+            }
+            _ => {}
+        }
+        let now = self.now();
+        let why = cause.describe();
+        if !self.transition(id, State::Cancelling, Who::User, why) {
+            return;
+        }
+        if let Some(rec) = self.live.get_mut(&id) {
+            rec.cancel = Some(cause);
+            rec.cancel_by = Some(now.plus(stop));
+            rec.stop_polls = 0;
+            rec.transient_errors = 0;
+            rec.retry_at = None;
+            rec.next_poll = Some(now.plus(self.settings.cancel_poll_interval));
+        }
+        if has_token {
+            self.send_cancel_or_finish(id);
+        }
+        self.rearm(id);
+    }
+
+    /// Calls the adapter's cancel, or records the end at once for adapters that cannot cancel.
+    fn send_cancel_or_finish(&mut self, id: ExecutionId) {
+        let can_cancel = self.instance(id).is_some_and(|i| i.distributor().capabilities().cancel);
+        if can_cancel {
+            self.spawn_cancel(id);
+        } else {
+            let cause = self.live.get(&id).and_then(|r| r.cancel.clone());
+            let kind = cause.as_ref().map_or(AbnormalKind::Cancelled, CancelCause::kind);
+            let why = cause.map(|c| c.describe()).unwrap_or_default();
+            self.finish(id, Outcome::abnormal(kind, format!("{why}; this distributor cannot cancel, so the work may still be running")), Who::Engine);
+        }
+    }
+
+    fn finish(&mut self, id: ExecutionId, outcome: Outcome, who: Who) {
+        let to = State::of_outcome(&outcome);
+        let reason = match &outcome {
+            Outcome::Succeeded { .. } => "succeeded".to_owned(),
+            Outcome::Abnormal { reason, .. } => reason.clone(),
+        };
+        if !self.transition(id, to, who, reason) {
+            return;
+        }
+        metrics::counter!("distributor_finished_total", "state" => to.as_str()).increment(1);
+        let Some(rec) = self.live.get_mut(&id) else { return };
+        rec.outcome = Some(outcome.clone());
+        rec.next_poll = None;
+        rec.retry_at = None;
+        let (task, attempt, mut kinds) = (rec.task.clone(), rec.attempt, rec.earlier_kinds.clone());
+        let (task_id, distributor, kind, config, hash) =
+            (rec.task_id, rec.distributor.clone(), rec.kind.clone(), rec.config.clone(), rec.config_hash.clone());
+        self.emit(Event::Finished { id, state: to, outcome: outcome.clone() });
+        self.effects.push(Effect::Waiters(id));
+        self.arm(TimerKey::Exec(id), None);
+        // A new attempt, if the task's budget allows.
+        let Some(k) = outcome.abnormal_kind() else { return };
+        kinds.push(k);
+        if !task.retry.allows(k, attempt, &kinds) {
+            return;
+        }
+        let next = ExecutionId(self.next_id);
+        self.next_id += 1;
+        let now = self.now();
+        let delay = task.retry.delay;
+        if let Some(rec) = self.live.get_mut(&id) {
+            rec.retried_by = Some(next);
+        }
+        let new = ExecutionRecord {
+            id: next,
+            task_id,
+            attempt: Attempt(attempt.0 + 1),
+            request_id: RequestId::random(),
+            task,
+            distributor,
+            kind,
+            config,
+            config_hash: hash,
+            state: State::Queued,
+            version: 1,
+            token: None,
+            handle: AdapterHandle::default(),
+            outcome: None,
+            previous: Some(outcome),
+            deadlines: Deadlines::default(),
+            cancel: None,
+            cancel_by: None,
+            stop_polls: 0,
+            transient_errors: 0,
+            retry_at: delay.map(|d| now.plus(d)),
+            cancel_sent: false,
+            earlier_kinds: kinds,
+            next_poll: None,
+            poll_interval: None,
+            last_sequence: 0,
+            seen_messages: Vec::new(),
+            retried_by: None,
+            created_at: now,
+            updated_at: now,
+        };
+        self.insert(new, Who::Engine, &format!("retry of {id} ({k})"));
+        self.emit(Event::Retried { id, next });
+        if delay.is_none() {
+            self.dispatch(next);
+        } else {
+            self.rearm(next);
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = self.now();
+        let mut due = Vec::new();
+        while let Some(&(at, key)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            self.wake_of.remove(&key);
+            due.push(key);
+        }
+        for key in due {
+            match key {
+                TimerKey::Exec(id) => self.on_wake(id, now),
+                TimerKey::Deferred(did) => {
+                    if self.deferred.contains_key(&did) {
+                        self.effects.push(Effect::Deferred(did));
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_wake(&mut self, id: ExecutionId, now: Timestamp) {
+        let Some(rec) = self.live.get(&id) else { return };
+        let passed = |t: Option<Timestamp>| t.is_some_and(|t| t <= now);
+        let busy = self.busy_of(id);
+        match rec.state {
+            State::Queued => {
+                if rec.retry_at.is_none_or(|t| t <= now) {
+                    self.dispatch(id);
+                }
+            }
+            State::Dispatching => {
+                if passed(rec.deadlines.start_by) {
+                    self.begin_cancel(id, CancelCause::StartTimeout);
+                } else if passed(rec.retry_at) && !busy.run {
+                    if let Some(rec) = self.mark(id) {
+                        rec.retry_at = None;
+                    }
+                    self.spawn_run(id);
+                }
+            }
+            State::Pending => {
+                if passed(rec.deadlines.start_by) {
+                    self.begin_cancel(id, CancelCause::StartTimeout);
+                } else if passed(rec.next_poll) {
+                    self.start_poll(id, Who::Timer);
+                }
+            }
+            State::Running => {
+                if passed(rec.deadlines.finish_by) {
+                    self.begin_cancel(id, CancelCause::RunTimeout);
+                } else if passed(rec.next_poll) {
+                    self.start_poll(id, Who::Timer);
+                }
+            }
+            State::Cancelling => {
+                if passed(rec.cancel_by) {
+                    if rec.stop_polls < self.settings.stop_polls && rec.token.is_some() {
+                        let iv = self.settings.stop_poll_interval;
+                        if let Some(rec) = self.mark(id) {
+                            rec.stop_polls += 1;
+                            rec.cancel_by = Some(now.plus(iv));
+                        }
+                        self.start_poll(id, Who::Timer);
+                    } else {
+                        let cause = rec.cancel.clone();
+                        let stop = rec.task.timeouts.stop.unwrap_or(self.settings.default_stop_timeout);
+                        let kind = cause.as_ref().map_or(AbnormalKind::Cancelled, CancelCause::kind);
+                        let why = cause.map(|c| c.describe()).unwrap_or_default();
+                        let polls = rec.stop_polls;
+                        self.finish(
+                            id,
+                            Outcome::abnormal(kind, format!("{why}; the work was not confirmed stopped within {stop:?} and {polls} more polls")),
+                            Who::Timer,
+                        );
+                        return;
+                    }
+                } else {
+                    if passed(rec.retry_at) && !rec.cancel_sent && !busy.cancel && rec.token.is_some() {
+                        if let Some(rec) = self.mark(id) {
+                            rec.retry_at = None;
+                        }
+                        self.spawn_cancel(id);
+                    }
+                    if self.live.get(&id).is_some_and(|r| passed(r.next_poll)) {
+                        self.start_poll(id, Who::Timer);
+                    }
+                }
+            }
+            State::Succeeded | State::Abnormal(_) => return,
+        }
+        self.rearm(id);
+    }
+
+    fn start_poll(&mut self, id: ExecutionId, who: Who) {
+        let iv = self.poll_interval(id);
+        let now = self.now();
+        if let Some(rec) = self.live.get_mut(&id) {
+            rec.next_poll = Some(now.plus(iv));
+        }
+        let b = self.busy.entry(id).or_default();
+        if b.poll || self.live.get(&id).is_none_or(|r| r.token.is_none()) {
+            self.rearm(id);
+            return;
+        }
+        b.poll = true;
+        self.effects.push(Effect::Poll(id, who));
+        self.rearm(id);
+    }
+
+    fn spawn_run(&mut self, id: ExecutionId) {
+        self.busy.entry(id).or_default().run = true;
+        self.effects.push(Effect::Run(id));
+    }
+
+    fn spawn_cancel(&mut self, id: ExecutionId) {
+        let b = self.busy.entry(id).or_default();
+        if b.cancel {
+            return;
+        }
+        b.cancel = true;
+        self.effects.push(Effect::Cancel(id));
+    }
+
+    // ----- commit and act ---------------------------------------------------------------
+
+    async fn flush(&mut self) {
+        if self.dirty_order.is_empty() && self.extra_writes.is_empty() && self.effects.is_empty() {
+            return;
+        }
+        let mut writes = Vec::with_capacity(self.dirty_order.len() + self.extra_writes.len());
+        for id in self.dirty_order.drain(..) {
+            let (Some(d), Some(rec)) = (self.dirty.remove(&id), self.live.get(&id)) else { continue };
+            writes.push(if d.inserted {
+                Write::Insert { record: rec.clone(), history: d.history }
+            } else {
+                Write::Update { record: rec.clone(), expected_version: d.base_version, history: d.history }
+            });
+        }
+        writes.append(&mut self.extra_writes);
+        let mut result = Ok(());
+        if !writes.is_empty() {
+            let mut attempt = 0;
+            result = loop {
+                match self.store.apply(&writes).await {
+                    Ok(()) => break Ok(()),
+                    Err(e) if e.is_transient() && attempt < 8 => {
+                        attempt += 1;
+                        tracing::warn!(error = %e, attempt, "store write failed; retrying");
+                        tokio::time::sleep(backoff(&self.settings, attempt)).await;
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+        }
+        let effects = std::mem::take(&mut self.effects);
+        match result {
+            Ok(()) => self.act(effects),
+            Err(e) => {
+                tracing::error!(error = %e, "store write failed; resynchronising from the store");
+                let msg = e.to_string();
+                for eff in effects {
+                    if let Effect::Reply(f) = eff {
+                        f(Err(msg.clone()));
+                    }
+                }
+                self.resync(&writes).await;
+            }
+        }
+        // Terminal records leave memory once committed.
+        let done: Vec<ExecutionId> = self.live.iter().filter(|(_, r)| r.state.is_terminal()).map(|(id, _)| *id).collect();
+        for id in done {
+            self.live.remove(&id);
+            self.busy.remove(&id);
+            self.dispatch_started.remove(&id);
+            self.arm(TimerKey::Exec(id), None);
+        }
+    }
+
+    async fn resync(&mut self, writes: &[Write]) {
+        for w in writes {
+            let id = match w {
+                Write::Insert { record, .. } | Write::Update { record, .. } => record.id,
+                _ => continue,
+            };
+            match self.store.get(id).await {
+                Ok(Some(rec)) => {
+                    self.live.insert(id, rec);
+                    self.rearm(id);
+                }
+                _ => {
+                    self.live.remove(&id);
+                    self.arm(TimerKey::Exec(id), None);
+                }
+            }
+        }
+    }
+
+    fn act(&mut self, effects: Vec<Effect>) {
+        let mut polls: HashMap<(DistributorName, ConfigHash), Vec<(Execution, Who)>> = HashMap::new();
+        for eff in effects {
+            match eff {
+                Effect::Event(e) => {
+                    let _ = self.events.send(e);
+                }
+                Effect::Reply(f) => f(Ok(())),
+                Effect::Waiters(id) => {
+                    if let (Some(ws), Some(rec)) = (self.waiters.remove(&id), self.live.get(&id)) {
+                        for w in ws {
+                            let _ = w.send(Ok(rec.clone()));
+                        }
+                    }
+                }
+                Effect::Run(id) => self.call_run(id),
+                Effect::Poll(id, who) => {
+                    if let Some(rec) = self.live.get(&id) {
+                        polls.entry((rec.distributor.clone(), rec.config_hash.clone())).or_default().push((rec.execution(), who));
+                    }
+                }
+                Effect::Recover(id) => self.call(id, |d, e, done, id| async move {
+                    let r = d.recover(&e).await;
+                    let _ = done.send(Done::Status(id, r, Who::Recovery));
+                }),
+                Effect::Cancel(id) => self.call(id, |d, e, done, id| async move {
+                    let r = d.cancel(&e).await;
+                    let _ = done.send(Done::Cancel(id, r));
+                }),
+                Effect::Notification(id, n) => self.call(id, move |d, e, done, id| async move {
+                    let r = d.handle_notification(&e, &n).await;
+                    let _ = done.send(Done::Notification(id, r));
+                }),
+                Effect::Deferred(did) => {
+                    let Some((name, work)) = self.deferred.get(&did).cloned() else { continue };
+                    let inst = self.snapshots.iter().find(|((n, _), _)| *n == name).map(|(_, i)| i.clone());
+                    let done = self.done_tx.clone();
+                    match inst {
+                        Some(inst) => {
+                            tokio::spawn(async move {
+                                let r = inst.distributor().handle_deferred(&work).await;
+                                let _ = done.send(Done::Deferred(did, work.execution_id, r));
+                            });
+                        }
+                        None => tracing::warn!(distributor = %name, "deferred work for an unknown distributor"),
+                    }
+                }
+            }
+        }
+        for ((name, hash), batch) in polls {
+            let Some(inst) = self.snapshots.get(&(name, hash)).cloned() else { continue };
+            let done = self.done_tx.clone();
+            let span = tracing::debug_span!("poll", distributor = %inst.name(), n = batch.len());
+            tokio::spawn(
+                async move {
+                    let d = inst.distributor();
+                    if batch.len() > 1 && d.capabilities().batch_status {
+                        let execs: Vec<Execution> = batch.iter().map(|(e, _)| e.clone()).collect();
+                        let results = d.status_batch(&execs).await;
+                        let mut results = results.into_iter();
+                        for (e, who) in batch {
+                            let r = results.next().unwrap_or_else(|| Err(Error::permanent("status_batch returned too few results")));
+                            let _ = done.send(Done::Status(e.id, r, who));
+                        }
+                    } else {
+                        let calls = batch.into_iter().map(|(e, who)| {
+                            let d = d.clone();
+                            let done = done.clone();
+                            async move {
+                                let r = d.status(&e).await;
+                                let _ = done.send(Done::Status(e.id, r, who));
+                            }
+                        });
+                        futures::future::join_all(calls).await;
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    fn span(rec: &ExecutionRecord) -> tracing::Span {
+        tracing::info_span!("execution", id = %rec.id, distributor = %rec.distributor, kind = %rec.kind, attempt = rec.attempt.0)
+    }
+
+    fn call<F, Fut>(&self, id: ExecutionId, f: F)
+    where
+        F: FnOnce(Arc<dyn crate::Distributor>, Execution, mpsc::UnboundedSender<Done>, ExecutionId) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (Some(rec), Some(inst)) = (self.live.get(&id), self.instance(id)) else { return };
+        let fut = f(inst.distributor().clone(), rec.execution(), self.done_tx.clone(), id);
+        tokio::spawn(fut.instrument(Self::span(rec)));
+    }
+
+    fn call_run(&self, id: ExecutionId) {
+        let (Some(rec), Some(inst)) = (self.live.get(&id), self.instance(id)) else {
+            tracing::error!(execution = %id, "no distributor instance for a dispatch");
+            return;
+        };
+        let expiry = self.now().plus(self.settings.token_ttl);
+        let desc = TaskDescription {
+            execution_id: id,
+            task_id: rec.task_id,
+            attempt: rec.attempt,
+            request_id: rec.request_id.clone(),
+            distributor: rec.distributor.clone(),
+            payload: rec.task.payload.clone(),
+            previous: rec.previous.clone(),
+            notify: NotificationRoute { target: self.notify_target.clone(), auth_token: self.auth.sign(id, expiry) },
+            timeouts: rec.task.timeouts,
+            labels: rec.task.labels.clone(),
+        };
+        let done = self.done_tx.clone();
+        let d = inst.distributor().clone();
+        tokio::spawn(
+            async move {
+                let r = d.run(&desc).await;
+                let _ = done.send(Done::Run(id, r));
+            }
+            .instrument(Self::span(rec)),
+        );
+    }
+}
+
+fn store_failed(msg: String) -> Error {
+    Error::Store { message: msg, transient: true, source: None }
+}

@@ -1,0 +1,90 @@
+//! Per-execution notification tokens: HMAC-SHA256 over the execution id and an expiry.
+//!
+//! Format: `v1.<execution id>.<expiry ms>.<hex mac>`. Verification recomputes the MAC and
+//! compares in constant time, so a forged token is indistinguishable from a wrong one by timing.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::error::NotificationRejection;
+use crate::types::{AuthToken, ExecutionId, Timestamp};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Signs and verifies notification tokens with the engine's secret.
+#[derive(Clone)]
+pub(crate) struct Auth {
+    secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Auth(..)")
+    }
+}
+
+impl Auth {
+    pub(crate) fn new(secret: Vec<u8>) -> Self {
+        Self { secret }
+    }
+
+    fn mac(&self, body: &str) -> HmacSha256 {
+        let mut m = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes keys of any length");
+        m.update(body.as_bytes());
+        m
+    }
+
+    /// A token for `id`, valid until `expiry`.
+    pub(crate) fn sign(&self, id: ExecutionId, expiry: Timestamp) -> AuthToken {
+        let body = format!("v1.{}.{}", id.0, expiry.0);
+        let mac = hex::encode(self.mac(&body).finalize().into_bytes());
+        AuthToken(format!("{body}.{mac}"))
+    }
+
+    /// Checks that `token` was signed by this engine for `id` and has not expired at `now`.
+    pub(crate) fn verify(&self, token: &str, id: ExecutionId, now: Timestamp) -> Result<(), NotificationRejection> {
+        let mut parts = token.rsplitn(2, '.');
+        let (Some(mac_hex), Some(body)) = (parts.next(), parts.next()) else {
+            return Err(NotificationRejection::Forged);
+        };
+        let Ok(mac) = hex::decode(mac_hex) else {
+            return Err(NotificationRejection::Forged);
+        };
+        self.mac(body).verify_slice(&mac).map_err(|_| NotificationRejection::Forged)?;
+        let mut fields = body.split('.');
+        let (Some("v1"), Some(tid), Some(exp), None) = (fields.next(), fields.next(), fields.next(), fields.next()) else {
+            return Err(NotificationRejection::Forged);
+        };
+        let (Ok(tid), Ok(exp)) = (tid.parse::<u64>(), exp.parse::<i64>()) else {
+            return Err(NotificationRejection::Forged);
+        };
+        if tid != id.0 {
+            return Err(NotificationRejection::WrongExecution);
+        }
+        if exp < now.0 {
+            return Err(NotificationRejection::Expired);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_verify_only_for_their_execution_and_time() {
+        let a = Auth::new(b"secret".to_vec());
+        let t = a.sign(ExecutionId(7), Timestamp(1_000));
+        assert_eq!(a.verify(&t.0, ExecutionId(7), Timestamp(999)), Ok(()));
+        assert_eq!(a.verify(&t.0, ExecutionId(8), Timestamp(999)), Err(NotificationRejection::WrongExecution));
+        assert_eq!(a.verify(&t.0, ExecutionId(7), Timestamp(1_001)), Err(NotificationRejection::Expired));
+        let other = Auth::new(b"other".to_vec()).sign(ExecutionId(7), Timestamp(1_000));
+        assert_eq!(a.verify(&other.0, ExecutionId(7), Timestamp(0)), Err(NotificationRejection::Forged));
+        let tampered = t.0.replace("v1.7.", "v1.8.");
+        assert_eq!(a.verify(&tampered, ExecutionId(8), Timestamp(0)), Err(NotificationRejection::Forged));
+        for garbage in ["", ".", "v1", "v1.7.1000.zz", "a.b.c.d.e"] {
+            assert_eq!(a.verify(garbage, ExecutionId(7), Timestamp(0)), Err(NotificationRejection::Forged));
+        }
+    }
+}

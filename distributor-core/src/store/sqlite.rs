@@ -1,0 +1,292 @@
+//! The embedded default store: one SQLite file in WAL mode, through sqlx with runtime queries.
+//!
+//! Migrations are embedded in the binary and applied on open (tracked with `PRAGMA
+//! user_version`). A batch is one transaction, so durability costs one WAL sync per batch, not
+//! per transition. With [`Synchronous::Normal`] (the default) a committed batch survives a
+//! process crash; [`Synchronous::Full`] also survives power loss, at a higher cost per batch.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use super::{ListFilter, Store, Write};
+use crate::engine::{ExecutionRecord, HistoryEntry};
+use crate::error::{Error, Result};
+use crate::types::{DeferredWork, DistributorName, ExecutionId};
+
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_init.sql")];
+
+/// How hard SQLite syncs each commit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Synchronous {
+    /// Survives a process crash (WAL + `synchronous=NORMAL`).
+    #[default]
+    Normal,
+    /// Also survives power loss (`synchronous=FULL`).
+    Full,
+}
+
+/// A store in one SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn store_err(what: &str) -> impl FnOnce(sqlx::Error) -> Error + '_ {
+    move |e| {
+        let transient = match &e {
+            sqlx::Error::Database(d) => {
+                let m = d.message();
+                m.contains("locked") || m.contains("busy")
+            }
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+            _ => false,
+        };
+        Error::Store { message: format!("{what}: {e}"), transient, source: Some(Box::new(e)) }
+    }
+}
+
+fn json_err(e: serde_json::Error) -> Error {
+    Error::Store { message: format!("corrupt row: {e}"), transient: false, source: Some(Box::new(e)) }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path`, with default durability.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, Synchronous::default()).await
+    }
+
+    /// Opens the file at `path` with the given durability.
+    pub async fn open_with(path: impl AsRef<Path>, sync: Synchronous) -> Result<Self> {
+        if let Some(dir) = path.as_ref().parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::Store {
+                message: format!("cannot create {}: {e}", dir.display()),
+                transient: false,
+                source: Some(Box::new(e)),
+            })?;
+        }
+        let opts = SqliteConnectOptions::new()
+            .filename(path.as_ref())
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match sync {
+                Synchronous::Normal => SqliteSynchronous::Normal,
+                Synchronous::Full => SqliteSynchronous::Full,
+            })
+            .busy_timeout(std::time::Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await.map_err(store_err("open"))?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// An in-memory database (for tests of SQL behaviour without a file).
+    pub async fn in_memory() -> Result<Self> {
+        let opts = SqliteConnectOptions::from_str("sqlite::memory:").map_err(store_err("open"))?;
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await.map_err(store_err("open"))?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(store_err("migrate"))?;
+        let current: i64 = sqlx::query_scalar("PRAGMA user_version").fetch_one(&mut *tx).await.map_err(store_err("migrate"))?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(current).unwrap_or(0)) {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(*sql)).execute(&mut *tx).await.map_err(store_err("migrate"))?;
+            let bump = format!("PRAGMA user_version = {}", i + 1);
+            sqlx::raw_sql(sqlx::AssertSqlSafe(bump)).execute(&mut *tx).await.map_err(store_err("migrate"))?;
+        }
+        tx.commit().await.map_err(store_err("migrate"))
+    }
+
+    fn decode(row: &sqlx::sqlite::SqliteRow) -> Result<ExecutionRecord> {
+        let text: String = row.try_get("record").map_err(store_err("read"))?;
+        serde_json::from_str(&text).map_err(json_err)
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn apply(&self, batch: &[Write]) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(store_err("begin"))?;
+        for w in batch {
+            match w {
+                Write::Insert { record, history } => {
+                    sqlx::query("INSERT INTO executions (id, task_id, state, live, distributor, version, record) VALUES (?, ?, ?, ?, ?, ?, ?)")
+                        .bind(record.id.0 as i64)
+                        .bind(record.task_id.0 as i64)
+                        .bind(record.state.as_str())
+                        .bind(!record.state.is_terminal())
+                        .bind(record.distributor.as_str())
+                        .bind(record.version as i64)
+                        .bind(serde_json::to_string(record).map_err(json_err)?)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| match &e {
+                            sqlx::Error::Database(d) if d.is_unique_violation() => Error::Conflict(record.id),
+                            _ => store_err("insert")(e),
+                        })?;
+                    for h in history {
+                        insert_history(&mut tx, h).await?;
+                    }
+                }
+                Write::Update { record, expected_version, history } => {
+                    let done = sqlx::query("UPDATE executions SET state = ?, live = ?, version = ?, record = ? WHERE id = ? AND version = ?")
+                        .bind(record.state.as_str())
+                        .bind(!record.state.is_terminal())
+                        .bind(record.version as i64)
+                        .bind(serde_json::to_string(record).map_err(json_err)?)
+                        .bind(record.id.0 as i64)
+                        .bind(*expected_version as i64)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(store_err("update"))?;
+                    if done.rows_affected() != 1 {
+                        return Err(Error::Conflict(record.id));
+                    }
+                    for h in history {
+                        insert_history(&mut tx, h).await?;
+                    }
+                }
+                Write::Meta { key, value } => {
+                    sqlx::query("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+                        .bind(key)
+                        .bind(value)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(store_err("meta"))?;
+                }
+                Write::PutDeferred { id, distributor, work } => {
+                    sqlx::query("INSERT OR REPLACE INTO deferred (id, distributor, work) VALUES (?, ?, ?)")
+                        .bind(*id as i64)
+                        .bind(distributor.as_str())
+                        .bind(serde_json::to_string(work).map_err(json_err)?)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(store_err("deferred"))?;
+                }
+                Write::DeleteDeferred { id } => {
+                    sqlx::query("DELETE FROM deferred WHERE id = ?").bind(*id as i64).execute(&mut *tx).await.map_err(store_err("deferred"))?;
+                }
+            }
+        }
+        tx.commit().await.map_err(store_err("commit"))
+    }
+
+    async fn get(&self, id: ExecutionId) -> Result<Option<ExecutionRecord>> {
+        let row = sqlx::query("SELECT record FROM executions WHERE id = ?")
+            .bind(id.0 as i64)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(store_err("get"))?;
+        row.as_ref().map(Self::decode).transpose()
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<ExecutionRecord>> {
+        let mut sql = String::from("SELECT record FROM executions WHERE id > ?");
+        if !filter.states.is_empty() {
+            sql.push_str(&format!(" AND state IN ({})", vec!["?"; filter.states.len()].join(",")));
+        }
+        if filter.distributor.is_some() {
+            sql.push_str(" AND distributor = ?");
+        }
+        if filter.task_id.is_some() {
+            sql.push_str(" AND task_id = ?");
+        }
+        sql.push_str(" ORDER BY id");
+        if filter.labels.is_empty() {
+            sql.push_str(&format!(" LIMIT {}", filter.limit()));
+        }
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(filter.after.map_or(0, |a| a.0 as i64));
+        for s in &filter.states {
+            q = q.bind(s.as_str());
+        }
+        if let Some(d) = &filter.distributor {
+            q = q.bind(d.as_str());
+        }
+        if let Some(t) = filter.task_id {
+            q = q.bind(t.0 as i64);
+        }
+        let rows = q.fetch_all(&self.pool).await.map_err(store_err("list"))?;
+        let mut out = Vec::new();
+        for row in &rows {
+            let r = Self::decode(row)?;
+            if filter.matches(&r) {
+                out.push(r);
+                if out.len() >= filter.limit() {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn live(&self) -> Result<Vec<ExecutionRecord>> {
+        let rows = sqlx::query("SELECT record FROM executions WHERE live = 1 ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store_err("live"))?;
+        rows.iter().map(Self::decode).collect()
+    }
+
+    async fn history(&self, id: ExecutionId) -> Result<Vec<HistoryEntry>> {
+        let rows = sqlx::query("SELECT entry FROM history WHERE execution_id = ? ORDER BY version")
+            .bind(id.0 as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store_err("history"))?;
+        rows.iter()
+            .map(|r| {
+                let text: String = r.try_get("entry").map_err(store_err("history"))?;
+                serde_json::from_str(&text).map_err(json_err)
+            })
+            .collect()
+    }
+
+    async fn max_id(&self) -> Result<u64> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM executions")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(store_err("max_id"))?;
+        Ok(v.map_or(0, |v| v as u64))
+    }
+
+    async fn meta(&self, key: &str) -> Result<Option<String>> {
+        sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(store_err("meta"))
+    }
+
+    async fn deferred(&self) -> Result<Vec<(u64, DistributorName, DeferredWork)>> {
+        let rows = sqlx::query("SELECT id, distributor, work FROM deferred ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store_err("deferred"))?;
+        rows.iter()
+            .map(|r| {
+                let id: i64 = r.try_get("id").map_err(store_err("deferred"))?;
+                let d: String = r.try_get("distributor").map_err(store_err("deferred"))?;
+                let w: String = r.try_get("work").map_err(store_err("deferred"))?;
+                Ok((id as u64, DistributorName::from(d), serde_json::from_str(&w).map_err(json_err)?))
+            })
+            .collect()
+    }
+}
+
+async fn insert_history(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, h: &HistoryEntry) -> Result<()> {
+    sqlx::query("INSERT OR REPLACE INTO history (execution_id, version, entry) VALUES (?, ?, ?)")
+        .bind(h.execution_id.0 as i64)
+        .bind(h.version as i64)
+        .bind(serde_json::to_string(h).map_err(json_err)?)
+        .execute(&mut **tx)
+        .await
+        .map_err(store_err("history"))?;
+    Ok(())
+}
+
