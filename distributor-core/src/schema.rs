@@ -242,10 +242,9 @@ fn best_branch<'a>(
     let shallow_miss = |errs: &[jsonschema::ValidationError<'_>]| {
         errs.iter().any(|e| {
             let at_self = e.instance_path().as_str() == pointer;
-            let tag_miss = matches!(
-                e.kind(),
-                ValidationErrorKind::Constant { .. } | ValidationErrorKind::Enum { .. }
-            ) && e.instance_path().as_str().rsplit_once('/').map(|(p, _)| p)
+            // A discriminator (serde's tag) is a `const`; a field that is merely an enum is not.
+            let tag_miss = matches!(e.kind(), ValidationErrorKind::Constant { .. })
+                && e.instance_path().as_str().rsplit_once('/').map(|(p, _)| p)
                 == Some(pointer);
             (at_self
                 && matches!(
