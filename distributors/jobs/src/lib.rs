@@ -1,1 +1,28 @@
-//! placeholder (being written)
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+
+mod api;
+mod backend;
+#[cfg(feature = "worker")]
+mod client;
+mod config;
+mod core;
+mod error;
+mod page;
+mod queue;
+mod store;
+mod wire;
+
+pub use backend::JobsServer;
+#[cfg(feature = "worker")]
+pub use client::{
+    ClientError, Handler, JobContext, JobFailure, ShutdownPolicy, Worker, WorkerClient,
+};
+pub use config::{JobsConfig, JobsPayload, WorkerCredential};
+pub use wire::{
+    ActivateRequest, ApiError, ApiErrorDetail, ClaimRequest, ClaimResponse, ClaimedJob,
+    CompleteRequest, Disposition, ErrorCode, ErrorRequest, FinalReply, HeartbeatRequest, JobId,
+    Lease, LeaseId, LeaseReply, ReleaseRequest, UpdateRequest,
+};
+
+distributor_core::reexports::inventory::submit!(distributor_core::Registration::of::<JobsConfig>());
