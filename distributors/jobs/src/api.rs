@@ -101,18 +101,27 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
                 format!("cannot read body: {e}"),
             )
         })?;
-        serde_json::from_slice(&bytes)
-            .map(Body)
-            .map_err(|e| match e.classify() {
-                serde_json::error::Category::Data => ApiFailure::new(
-                    ErrorCode::InvalidRequest,
-                    format!("invalid request body: {e}"),
-                ),
-                _ => ApiFailure::new(
-                    ErrorCode::MalformedRequest,
-                    format!("malformed JSON body: {e}"),
-                ),
-            })
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        let value = serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| body_error(&e.path().to_string(), e.inner()))?;
+        de.end().map_err(|e| body_error("", &e))?;
+        Ok(Body(value))
+    }
+}
+
+fn body_error(at: &str, e: &serde_json::Error) -> ApiFailure {
+    match e.classify() {
+        serde_json::error::Category::Data => ApiFailure::new(
+            ErrorCode::InvalidRequest,
+            match at {
+                "" | "." => format!("invalid request body: {e}"),
+                _ => format!("invalid request body at `{at}`: {e}"),
+            },
+        ),
+        _ => ApiFailure::new(
+            ErrorCode::MalformedRequest,
+            format!("malformed JSON body: {e}"),
+        ),
     }
 }
 
@@ -237,10 +246,8 @@ async fn update(
     Body(req): Body<UpdateRequest>,
 ) -> Result<axum::Json<LeaseReply>, ApiFailure> {
     let id = job_id(&raw)?;
-    if let Some(p) = req.progress {
-        if !(0.0..=1.0).contains(&p) {
-            return Err(invalid(format!("`progress` must be within 0..=1, got {p}")));
-        }
+    if let Some(p) = req.progress.filter(|p| !(0.0..=1.0).contains(p)) {
+        return Err(invalid(format!("`progress` must be within 0..=1, got {p}")));
     }
     let now = now_ms();
     let UpdateRequest {
@@ -274,7 +281,14 @@ async fn error(
     let now = now_ms();
     let disposition = report(&shared, id, |q, fx| {
         q.see(&worker, now, None);
-        q.error(&worker, id, &req.lease, req.message, req.permanent, now, fx)
+        q.error(
+            &worker,
+            id,
+            &req.lease,
+            (req.message, req.permanent),
+            now,
+            fx,
+        )
     })
     .await?;
     Ok(axum::Json(FinalReply { disposition }))

@@ -170,26 +170,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn database_busy_is_transient_and_constraint_is_permanent() {
-        let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
-        sqlx::query("CREATE TABLE t (x INTEGER UNIQUE)")
-            .execute(&pool)
-            .await
-            .unwrap();
-        sqlx::query("INSERT INTO t VALUES (1)")
-            .execute(&pool)
+    async fn database_locked_is_transient_and_constraint_is_permanent() {
+        use sqlx::Connection;
+        use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SqliteConnectOptions::new()
+            .filename(dir.path().join("db"))
+            .create_if_missing(true)
+            .busy_timeout(std::time::Duration::ZERO);
+        let mut one = SqliteConnection::connect_with(&opts).await.unwrap();
+        let mut two = SqliteConnection::connect_with(&opts).await.unwrap();
+        sqlx::raw_sql("CREATE TABLE t (x INTEGER UNIQUE); INSERT INTO t VALUES (1);")
+            .execute(&mut one)
             .await
             .unwrap();
         let dup = sqlx::query("INSERT INTO t VALUES (1)")
-            .execute(&pool)
+            .execute(&mut one)
             .await
             .unwrap_err();
         assert!(!Error::from(JobsError::Database(dup)).is_transient());
-        let busy = sqlx::query("SELECT raise(FAIL, 'database is locked')")
-            .execute(&pool)
+        sqlx::raw_sql("BEGIN IMMEDIATE; INSERT INTO t VALUES (2);")
+            .execute(&mut one)
+            .await
+            .unwrap();
+        let locked = sqlx::query("INSERT INTO t VALUES (3)")
+            .execute(&mut two)
             .await
             .unwrap_err();
-        assert!(Error::from(JobsError::Database(busy)).is_transient());
+        assert!(locked.to_string().contains("locked"), "{locked}");
+        assert!(Error::from(JobsError::Database(locked)).is_transient());
     }
 
     #[test]

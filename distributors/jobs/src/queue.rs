@@ -453,8 +453,10 @@ impl Queue {
         if holder_ok && job.lease_id.as_deref() == Some(lease.0.as_str()) {
             return self.jobs.remove(&id).ok_or(Refusal::NotLive);
         }
-        let superseded = lease.generation().is_some_and(|g| g <= job.lease_gen);
-        if job.worker.is_some() && !holder_ok && !superseded {
+        // Someone else holds it: a lease from an earlier claim is stale (LeaseLost); anything
+        // else is an attempt to report on another worker's job.
+        let stale = lease.generation().is_some_and(|g| g < job.lease_gen);
+        if job.worker.is_some() && !holder_ok && !stale {
             return Err(ApiFailure::new(
                 ErrorCode::NotHolder,
                 format!("job {id} is held by another worker"),
@@ -476,10 +478,8 @@ impl Queue {
         if let Some(exp) = job.lease_expires.take() {
             self.leases.remove(&(exp, job.id));
         }
-        if let Some(w) = job.worker.take() {
-            if let Some(h) = self.held.get_mut(&w) {
-                *h = h.saturating_sub(1);
-            }
+        if let Some(h) = job.worker.take().and_then(|w| self.held.get_mut(&w)) {
+            *h = h.saturating_sub(1);
         }
         job.lease_id = None;
     }
@@ -547,14 +547,13 @@ impl Queue {
         Ok(reply)
     }
 
-    /// The worker's handler failed.
+    /// The worker's handler failed with `(message, permanent)`.
     pub(crate) fn error(
         &mut self,
         worker: &Arc<str>,
         id: i64,
         lease: &LeaseId,
-        message: String,
-        permanent: bool,
+        (message, permanent): (String, bool),
         now: i64,
         fx: &mut Effects,
     ) -> Result<Disposition, Refusal> {
