@@ -17,6 +17,9 @@ use serde_json::{Value, json};
 
 type TestResult = Result<(), Failed>;
 
+/// One live case: runs to completion on its own runtime.
+type Case = fn() -> TestResult;
+
 fn config() -> Value {
     json!({
         "url": std::env::var("SLURM_URL").unwrap_or_default(),
@@ -281,7 +284,7 @@ fn main() -> ExitCode {
     let unreachable = std::env::var("SLURM_URL").is_err().then_some(
         "SLURM_URL not set: start a cluster with `eval \"$(scripts/engines/slurm.sh start)\"`",
     );
-    let cases: Vec<(&str, fn() -> TestResult)> = vec![
+    let cases: Vec<(&str, Case)> = vec![
         ("completed_job_succeeds", || {
             block_on(completed_job_succeeds())
         }),
