@@ -1,0 +1,1260 @@
+//! The state directory and the life of a local execution: what `run`, `status` and `cancel` do,
+//! the start queue, and the watchers that push updates.
+//!
+//! # The state directory: the truth
+//!
+//! One sub-directory per execution, named after its token (the request id when it is a plain
+//! name, else `_` + its hex encoding). A directory appears atomically (staged under `.tmp-…` and
+//! renamed into place, which fails if it exists: that is the per-request-id dedupe record and
+//! lock). Files, each written atomically (temporary file + rename, or + hard link where the first
+//! writer must win):
+//!
+//! | file | written by | content |
+//! |---|---|---|
+//! | `spec.json` | `run` | request id, execution id, push token, payload, queue time (mode 0600) |
+//! | `stdin` | `run` | the payload's stdin data, if any |
+//! | `claim` | the starter / `cancel` | `start <orchestrator pid>` or `cancelled` (first wins) |
+//! | `supervisor` | the supervisor | its pid |
+//! | `pid` | the work, before exec | its pid = its process group id; its mtime is the start time |
+//! | `exit` | the supervisor | `exited N`, `signaled N` or `unknown` |
+//! | `stop` | `cancel` / time limit | `cancel <ms>` or `time_limit <ms>` (first wins): signals after it are ours |
+//! | `error.json` | the starter | why the work could not start |
+//! | `stdout`, `stderr` | the work | its output |
+//!
+//! `status` derives everything from these files (plus "is the process group alive"), so a fresh
+//! instance on the same directory knows exactly what an earlier one knew.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use distributor_core::{
+    AbnormalKind, AdapterHandle, AuthToken, Error, ExecutionId, Launch, Notification, Notifier,
+    Outcome, RequestId, Result, SchemaValidator, Status, TaskDescription, Timestamp, Token,
+    ValidationError, Violation,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use url::Url;
+
+use crate::config::{LocalConfig, LocalPayload};
+use crate::error::classify;
+use crate::supervisor::{self, group_alive, process_alive, signal_group, signal_name};
+
+const SPEC: &str = "spec.json";
+const STDIN: &str = "stdin";
+const CLAIM: &str = "claim";
+const SUPERVISOR: &str = "supervisor";
+const PID: &str = "pid";
+const EXIT: &str = "exit";
+const STOP: &str = "stop";
+const ERROR: &str = "error.json";
+const STDOUT: &str = "stdout";
+const STDERR: &str = "stderr";
+const STAGING_PREFIX: &str = ".tmp-";
+
+/// Layout version of `spec.json` and of the adapter handle.
+const SPEC_VERSION: u32 = 1;
+/// Longest poll step of a re-attached watcher.
+const MAX_POLL: Duration = Duration::from_millis(500);
+/// How many bytes at the end of a log file are searched for its last lines.
+const TAIL_BYTES: u64 = 64 * 1024;
+
+static UNIQUE: AtomicU64 = AtomicU64::new(0);
+
+/// The resolved config of an instance.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) state_dir: PathBuf,
+    pub(crate) max_parallel: usize,
+    pub(crate) grace: Duration,
+    pub(crate) info_base_url: Option<Url>,
+    pub(crate) tail_lines: usize,
+    pub(crate) poll_interval: Duration,
+}
+
+/// One `local` instance: settings, the start queue, and the running executions it watches.
+#[derive(Debug)]
+pub(crate) struct Local {
+    settings: Settings,
+    notifier: Notifier,
+    payload_schema: SchemaValidator,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Executions holding a slot (starting or running and watched), with their watcher's wake-up.
+    slots: HashMap<Token, Arc<Notify>>,
+    /// Executions waiting for a slot, oldest first.
+    queue: VecDeque<Token>,
+}
+
+/// What `run` records before anything starts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Spec {
+    version: u32,
+    request_id: RequestId,
+    execution_id: ExecutionId,
+    auth_token: AuthToken,
+    payload: LocalPayload,
+    queued_at: Timestamp,
+}
+
+/// Who owns the right to start an execution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Claim {
+    /// An orchestrator process (pid) is starting or has started it.
+    Start(u32),
+    /// It was cancelled before it started: nobody may start it.
+    Cancelled,
+}
+
+impl Claim {
+    fn encode(&self) -> String {
+        match self {
+            Self::Start(pid) => format!("start {pid}\n"),
+            Self::Cancelled => "cancelled\n".into(),
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        if s == "cancelled" {
+            return Some(Self::Cancelled);
+        }
+        s.strip_prefix("start ")?.parse().ok().map(Self::Start)
+    }
+}
+
+/// How the work's main process ended, as the supervisor recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExitRecord {
+    Exited(i32),
+    Signaled(i32),
+    Unknown,
+}
+
+impl ExitRecord {
+    fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        if s == "unknown" {
+            return Some(Self::Unknown);
+        }
+        let (word, n) = s.split_once(' ')?;
+        let n: i32 = n.parse().ok()?;
+        match word {
+            "exited" => Some(Self::Exited(n)),
+            "signaled" => Some(Self::Signaled(n)),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    Cancel,
+    TimeLimit,
+}
+
+/// The adapter decided to stop the work (and signals after `at` are its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stop {
+    reason: StopReason,
+    at: Timestamp,
+}
+
+impl Stop {
+    fn encode(&self) -> String {
+        let word = match self.reason {
+            StopReason::Cancel => "cancel",
+            StopReason::TimeLimit => "time_limit",
+        };
+        format!("{word} {}\n", self.at.0)
+    }
+    fn parse(s: &str) -> Option<Self> {
+        let (word, at) = s.trim().split_once(' ')?;
+        let reason = match word {
+            "cancel" => StopReason::Cancel,
+            "time_limit" => StopReason::TimeLimit,
+            _ => return None,
+        };
+        Some(Self {
+            reason,
+            at: Timestamp(at.parse().ok()?),
+        })
+    }
+}
+
+/// Why the work could not be started.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StartError {
+    kind: AbnormalKind,
+    message: String,
+}
+
+/// Everything the state directory says about one execution, read in one go.
+#[derive(Debug)]
+struct Snapshot {
+    spec: Spec,
+    error: Option<StartError>,
+    claim: Option<Claim>,
+    pid: Option<i32>,
+    started_at: Option<Timestamp>,
+    supervisor: Option<i32>,
+    exit: Option<Option<ExitRecord>>,
+    stop: Option<Stop>,
+}
+
+/// The two pushes of an execution, with their update sequence numbers (fixed per event, so they
+/// keep increasing across orchestrator restarts).
+#[derive(Debug, Clone, Copy)]
+enum Event {
+    Running,
+    Finished,
+}
+
+impl Event {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Finished => "finished",
+        }
+    }
+    fn sequence(self) -> u64 {
+        match self {
+            Self::Running => 1,
+            Self::Finished => 2,
+        }
+    }
+}
+
+/// What [`Local::enforce`] did.
+#[derive(Debug, Default)]
+struct Enforced {
+    /// When the next time limit or kill falls due.
+    next: Option<Timestamp>,
+    /// Whether it recorded a stop (the snapshot is stale).
+    changed: bool,
+}
+
+/// How a watcher learns that the supervisor has finished.
+enum Waiter {
+    /// The supervisor is our child: tokio tells us when it exits.
+    Child(tokio::process::Child),
+    /// Re-attached (or already exited): poll the state directory with a growing step.
+    Poll(Duration),
+}
+
+impl Waiter {
+    async fn wait(&mut self) {
+        match self {
+            Self::Child(child) => {
+                let _ = child.wait().await;
+                *self = Self::Poll(Duration::from_millis(5));
+            }
+            Self::Poll(step) => {
+                tokio::time::sleep(*step).await;
+                *step = (*step * 2).min(MAX_POLL);
+            }
+        }
+    }
+}
+
+impl Local {
+    /// Resolves `config`, creates the state directory, and re-attaches to what it holds: running
+    /// work gets a watcher, queued work goes back in the queue (oldest first) and starts as
+    /// slots allow.
+    pub(crate) fn build(config: LocalConfig, notifier: Notifier) -> Result<Arc<Self>> {
+        let state_dir = std::path::absolute(&config.state_dir)
+            .map_err(|e| classify(format!("state directory {}", config.state_dir.display()), e))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&state_dir)
+            .map_err(|e| classify(format!("creating {}", state_dir.display()), e))?;
+        let settings = Settings {
+            state_dir,
+            max_parallel: usize::try_from(config.max_parallel.max(1)).unwrap_or(usize::MAX),
+            grace: Duration::from_millis(config.grace_period_ms),
+            info_base_url: config.info_base_url,
+            tail_lines: usize::try_from(config.tail_lines).unwrap_or(usize::MAX),
+            poll_interval: Duration::from_millis(config.poll_interval_ms.max(1)),
+        };
+        let local = Arc::new(Self {
+            settings,
+            notifier,
+            payload_schema: SchemaValidator::of::<LocalPayload>(),
+            inner: Mutex::new(Inner::default()),
+        });
+        local.rescan()?;
+        Ok(local)
+    }
+
+    /// The resolved settings.
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The directory of `token`, or `None` for a string that is not a token of this adapter
+    /// (so that no token can point outside the state directory).
+    fn dir_of(&self, token: &Token) -> Option<PathBuf> {
+        valid_token(token.as_str()).then(|| self.settings.state_dir.join(token.as_str()))
+    }
+
+    fn path(&self, token: &Token) -> PathBuf {
+        self.settings.state_dir.join(token.as_str())
+    }
+
+    fn launch(&self, token: Token) -> Launch {
+        let dir = self.path(&token);
+        Launch {
+            token,
+            handle: AdapterHandle {
+                version: SPEC_VERSION,
+                data: json!({ "dir": dir }),
+            },
+            poll_interval: Some(self.settings.poll_interval),
+        }
+    }
+
+    /// Schema, then semantic checks of a payload.
+    pub(crate) fn validate(&self, payload: &Value) -> Result<(), ValidationError> {
+        self.payload_schema
+            .validate("payload for kind `local`", payload)?;
+        match serde_json::from_value::<LocalPayload>(payload.clone()) {
+            Ok(p) => p.check(),
+            Err(e) => Err(ValidationError {
+                subject: "payload for kind `local`".into(),
+                violations: vec![Violation {
+                    pointer: String::new(),
+                    expected: "a local payload".into(),
+                    message: e.to_string(),
+                    suggestion: None,
+                }],
+            }),
+        }
+    }
+
+    /// Records the execution and starts it, or queues it when every slot is taken.
+    pub(crate) fn run(self: &Arc<Self>, task: &TaskDescription) -> Result<Launch> {
+        let payload: LocalPayload = serde_json::from_value(task.payload.clone())
+            .map_err(|e| Error::permanent(format!("invalid payload for kind `local`: {e}")))?;
+        payload.check()?;
+        let token = token_for(&task.request_id)?;
+        let dir = self.path(&token);
+        if dir.join(SPEC).exists() {
+            return self.existing(token);
+        }
+        let spec = Spec {
+            version: SPEC_VERSION,
+            request_id: task.request_id.clone(),
+            execution_id: task.execution_id,
+            auth_token: task.notify.auth_token.clone(),
+            payload,
+            queued_at: Timestamp::now(),
+        };
+        let staging = self.settings.state_dir.join(format!(
+            "{STAGING_PREFIX}{}-{}",
+            std::process::id(),
+            UNIQUE.fetch_add(1, Ordering::Relaxed)
+        ));
+        if let Err(e) = stage(&staging, &spec) {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+        if let Err(e) = fs::rename(&staging, &dir) {
+            let _ = fs::remove_dir_all(&staging);
+            return match e.raw_os_error() {
+                Some(libc::ENOTEMPTY | libc::EEXIST) => self.existing(token),
+                _ => Err(classify(format!("creating {}", dir.display()), e)),
+            };
+        }
+        let start_now = {
+            let mut g = self.lock();
+            if g.slots.len() < self.settings.max_parallel && g.queue.is_empty() {
+                g.slots.insert(token.clone(), Arc::new(Notify::new()));
+                true
+            } else {
+                g.queue.push_back(token.clone());
+                false
+            }
+        };
+        if start_now {
+            match self.start(&token, &spec, true) {
+                Ok(true) => {}
+                Ok(false) => self.release(&token),
+                Err(e) => {
+                    self.release(&token);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(self.launch(token))
+    }
+
+    /// The answer to a repeated `run`: the same token, or the same refusal.
+    fn existing(&self, token: Token) -> Result<Launch> {
+        if let Some(err) = read_error(&self.path(&token))?
+            && err.kind == AbnormalKind::Rejected
+        {
+            return Err(Error::permanent(err.message));
+        }
+        Ok(self.launch(token))
+    }
+
+    /// Starts a recorded execution whose slot the caller has reserved. `Ok(true)`: a watcher
+    /// now holds the slot; `Ok(false)`: nothing to run (cancelled, or another live instance is
+    /// starting it), the caller frees the slot. On error the failure is recorded in `error.json`
+    /// (or, for a transient failure inside `run`, the directory is removed so a retry starts
+    /// afresh) and the caller frees the slot.
+    fn start(self: &Arc<Self>, token: &Token, spec: &Spec, from_run: bool) -> Result<bool> {
+        let dir = self.path(token);
+        let me = std::process::id();
+        match claim(&dir, &Claim::Start(me))
+            .map_err(|e| classify(format!("claiming {}", dir.display()), e))?
+        {
+            None => {}
+            Some(Claim::Cancelled) => return Ok(false),
+            Some(Claim::Start(owner)) => {
+                if read_pid(&dir, PID).is_some() {
+                    self.attach(token, Waiter::Poll(Duration::from_millis(20)));
+                    return Ok(true);
+                }
+                if owner != me && pid_alive(owner) {
+                    return Ok(false);
+                }
+                write_atomic(&dir, CLAIM, Claim::Start(me).encode().as_bytes())
+                    .map_err(|e| classify(format!("claiming {}", dir.display()), e))?;
+            }
+        }
+        let argv = spec.payload.command_line();
+        let program = argv.first().cloned().unwrap_or_default();
+        let spawned = command(&dir, &spec.payload).and_then(|cmd| supervisor::spawn(cmd, &dir));
+        match spawned {
+            Ok(child) => {
+                self.push(spec, token, Event::Running);
+                // A cancel that raced with this start may have found no pid to signal.
+                if read_stop(&dir).is_some()
+                    && let Some(pid) = read_pid(&dir, PID)
+                {
+                    let _ = signal_group(pid, libc::SIGTERM);
+                }
+                self.attach(token, Waiter::Child(child));
+                Ok(true)
+            }
+            Err(e) => {
+                let err = classify(format!("starting `{program}`"), e);
+                if from_run && err.is_transient() {
+                    let _ = fs::remove_dir_all(&dir);
+                } else {
+                    let record = StartError {
+                        kind: if err.is_transient() {
+                            AbnormalKind::Crashed
+                        } else {
+                            AbnormalKind::Rejected
+                        },
+                        message: err.to_string(),
+                    };
+                    let body = serde_json::to_vec(&record).unwrap_or_default();
+                    if let Err(e) = write_atomic(&dir, ERROR, &body) {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot record start failure");
+                    }
+                    if !from_run {
+                        self.push(spec, token, Event::Finished);
+                    }
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Frees `token`'s slot and starts queued work into free slots.
+    fn release(self: &Arc<Self>, token: &Token) {
+        self.lock().slots.remove(token);
+        self.pump();
+    }
+
+    /// Starts queued executions while slots are free.
+    fn pump(self: &Arc<Self>) {
+        loop {
+            let next = {
+                let mut g = self.lock();
+                if g.slots.len() >= self.settings.max_parallel {
+                    None
+                } else {
+                    let next = g.queue.pop_front();
+                    if let Some(t) = &next {
+                        g.slots.insert(t.clone(), Arc::new(Notify::new()));
+                    }
+                    next
+                }
+            };
+            let Some(token) = next else { break };
+            let holds_slot = match read_spec(&self.path(&token)) {
+                Ok(Some(spec)) => match self.start(&token, &spec, false) {
+                    Ok(started) => started,
+                    Err(e) => {
+                        tracing::warn!(token = %token, error = %e, "queued work could not start");
+                        false
+                    }
+                },
+                Ok(None) => false,
+                Err(e) => {
+                    tracing::warn!(token = %token, error = %e, "queued work has no readable spec");
+                    false
+                }
+            };
+            if !holds_slot {
+                self.lock().slots.remove(&token);
+            }
+        }
+    }
+
+    /// Spawns the watcher of `token` (its slot is already held).
+    fn attach(self: &Arc<Self>, token: &Token, waiter: Waiter) {
+        let wake = {
+            let mut g = self.lock();
+            g.slots
+                .entry(token.clone())
+                .or_insert_with(|| Arc::new(Notify::new()))
+                .clone()
+        };
+        let this = Arc::clone(self);
+        let token = token.clone();
+        tokio::spawn(async move { this.watch(token, waiter, wake).await });
+    }
+
+    /// Follows one execution until it is finished: enforces its time limit and the kill after
+    /// the grace period, then frees the slot and pushes `finished`.
+    async fn watch(self: Arc<Self>, token: Token, mut waiter: Waiter, wake: Arc<Notify>) {
+        let dir = self.path(&token);
+        let mut spec = None;
+        loop {
+            let snap = match read_snapshot(&dir) {
+                Ok(Some(s)) => s,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot read state");
+                    waiter = Waiter::Poll(MAX_POLL);
+                    waiter.wait().await;
+                    continue;
+                }
+            };
+            let next = self.enforce(&dir, &snap).next;
+            let finished = matches!(self.derive(&dir, &snap), Ok(Status::Finished(_)));
+            spec = Some(snap.spec);
+            if finished {
+                break;
+            }
+            let deadline = next.map(instant_of);
+            tokio::select! {
+                () = waiter.wait() => {}
+                () = wake.notified() => {}
+                () = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+        }
+        self.release(&token);
+        if let Some(spec) = spec {
+            self.push(&spec, &token, Event::Finished);
+        }
+    }
+
+    /// Pushes `event` for the execution through the notifier (best effort).
+    fn push(&self, spec: &Spec, token: &Token, event: Event) {
+        let body = json!({ "local": { "token": token.as_str(), "event": event.as_str() } });
+        let mut n = Notification::json(&body);
+        n.attributes
+            .insert("auth_token".into(), spec.auth_token.0.clone());
+        n.sequence = Some(event.sequence());
+        n.message_id = Some(format!("local/{token}/{}", event.as_str()));
+        self.notifier.send(spec.execution_id, n);
+    }
+
+    /// Reads the status from the state directory, applying due time limits and kills first.
+    pub(crate) fn status(&self, token: &Token) -> Result<Status> {
+        let Some(dir) = self.dir_of(token) else {
+            return Ok(missing(token, "is not a token of the local distributor"));
+        };
+        let Some(snap) = read_snapshot(&dir)? else {
+            return Ok(missing(
+                token,
+                &format!("has no state under {}", self.settings.state_dir.display()),
+            ));
+        };
+        if self.enforce(&dir, &snap).changed {
+            // Enforcing recorded a stop: derive from the new state.
+            if let Some(fresh) = read_snapshot(&dir)? {
+                return self.derive(&dir, &fresh);
+            }
+        }
+        self.derive(&dir, &snap)
+    }
+
+    /// `status`, and make sure running or queued work is followed by this instance.
+    pub(crate) fn recover(self: &Arc<Self>, token: &Token) -> Result<Status> {
+        let status = self.status(token)?;
+        let Some(dir) = self.dir_of(token) else {
+            return Ok(status);
+        };
+        match status {
+            Status::Running => {
+                let watched = self.lock().slots.contains_key(token);
+                if !watched {
+                    self.attach(token, Waiter::Poll(Duration::from_millis(20)));
+                }
+            }
+            Status::Pending => {
+                if !dir.join(CLAIM).exists() {
+                    {
+                        let mut g = self.lock();
+                        if !g.slots.contains_key(token) && !g.queue.contains(token) {
+                            g.queue.push_back(token.clone());
+                        }
+                    }
+                    self.pump();
+                }
+            }
+            Status::Finished(_) => {}
+        }
+        Ok(status)
+    }
+
+    /// Asks the work to stop: queued work is cancelled outright; running work gets SIGTERM now
+    /// and SIGKILL after the grace period. Finished or unknown work: nothing to do.
+    pub(crate) fn cancel(self: &Arc<Self>, token: &Token) -> Result<()> {
+        let Some(dir) = self.dir_of(token) else {
+            return Ok(());
+        };
+        let Some(snap) = read_snapshot(&dir)? else {
+            return Ok(());
+        };
+        if snap.error.is_some() {
+            return Ok(());
+        }
+        let io = |what: &str, e: io::Error| classify(format!("{what} {}", dir.display()), e);
+        let Some(pid) = snap.pid else {
+            let prior = claim(&dir, &Claim::Cancelled).map_err(|e| io("cancelling", e))?;
+            let won = match prior {
+                None => true,
+                Some(Claim::Cancelled) => false,
+                Some(Claim::Start(owner)) => {
+                    if owner != std::process::id() && !pid_alive(owner) {
+                        // The starter died before starting it: nobody will; cancel outright.
+                        write_atomic(&dir, CLAIM, Claim::Cancelled.encode().as_bytes())
+                            .map_err(|e| io("cancelling", e))?;
+                        true
+                    } else {
+                        // Being started right now: the starter signals it once it runs.
+                        write_stop(&dir, StopReason::Cancel).map_err(|e| io("cancelling", e))?;
+                        if let Some(pid) = read_pid(&dir, PID) {
+                            signal_group(pid, libc::SIGTERM).map_err(|e| io("signalling", e))?;
+                        }
+                        false
+                    }
+                }
+            };
+            if won {
+                self.lock().queue.retain(|t| t != token);
+                self.push(&snap.spec, token, Event::Finished);
+            }
+            return Ok(());
+        };
+        let finished = match snap.exit {
+            Some(_) => snap.stop.is_none() || !group_alive(pid),
+            None => false,
+        };
+        if finished {
+            return Ok(());
+        }
+        write_stop(&dir, StopReason::Cancel).map_err(|e| io("cancelling", e))?;
+        signal_group(pid, libc::SIGTERM).map_err(|e| io("signalling", e))?;
+        if let Some(wake) = self.lock().slots.get(token) {
+            wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Applies what is due: the time limit (record the stop, SIGTERM) and the kill after the
+    /// grace period (SIGKILL).
+    fn enforce(&self, dir: &Path, snap: &Snapshot) -> Enforced {
+        let Some(pid) = snap.pid else {
+            return Enforced::default();
+        };
+        if snap.error.is_some() {
+            return Enforced::default();
+        }
+        let now = Timestamp::now();
+        let mut next: Option<Timestamp> = None;
+        let mut changed = false;
+        let mut stop = snap.stop;
+        if stop.is_none()
+            && snap.exit.is_none()
+            && let (Some(limit), Some(started)) = (snap.spec.payload.time_limit_ms, snap.started_at)
+        {
+            let due = started.plus(Duration::from_millis(limit));
+            if now >= due {
+                match write_stop(dir, StopReason::TimeLimit) {
+                    Ok(s) => {
+                        stop = Some(s);
+                        changed = true;
+                        if let Err(e) = signal_group(pid, libc::SIGTERM) {
+                            tracing::warn!(pid, error = %e, "cannot stop work past its time limit");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot record time limit")
+                    }
+                }
+            } else {
+                next = Some(due);
+            }
+        }
+        if let Some(stop) = stop
+            && group_alive(pid)
+        {
+            let due = stop.at.plus(self.settings.grace);
+            if now >= due {
+                if let Err(e) = signal_group(pid, libc::SIGKILL) {
+                    tracing::warn!(pid, error = %e, "cannot kill work after its grace period");
+                }
+                // Check again shortly for the group to be gone.
+                next = Some(now.plus(Duration::from_millis(20)));
+            } else {
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        Enforced { next, changed }
+    }
+
+    /// The status the files say, without side effects.
+    fn derive(&self, dir: &Path, snap: &Snapshot) -> Result<Status> {
+        if let Some(err) = &snap.error {
+            return Ok(Status::Finished(Outcome::abnormal(
+                err.kind,
+                err.message.clone(),
+            )));
+        }
+        let Some(pid) = snap.pid else {
+            return Ok(match snap.claim {
+                Some(Claim::Cancelled) => Status::Finished(Outcome::abnormal(
+                    AbnormalKind::Cancelled,
+                    "cancelled before it started",
+                )),
+                _ => Status::Pending,
+            });
+        };
+        // `Some(record)` once the main process is gone (`Some(None)`: without a record).
+        let ended: Option<Option<ExitRecord>> = match snap.exit {
+            Some(record) => Some(record),
+            None => {
+                if group_alive(pid) || snap.supervisor.is_some_and(process_alive) {
+                    None
+                } else {
+                    // The supervisor may have written the record after our first read.
+                    Some(
+                        match read_opt(&dir.join(EXIT)).map_err(|e| io_err(dir, e))? {
+                            Some(s) => ExitRecord::parse(&s),
+                            None => None,
+                        },
+                    )
+                }
+            }
+        };
+        let Some(record) = ended else {
+            return Ok(Status::Running);
+        };
+        if let Some(stop) = snap.stop {
+            if group_alive(pid) {
+                return Ok(Status::Running);
+            }
+            let how = match record {
+                Some(ExitRecord::Signaled(libc::SIGKILL)) => format!(
+                    "killed by SIGKILL after the {} ms grace period",
+                    self.settings.grace.as_millis()
+                ),
+                Some(ExitRecord::Signaled(s)) => format!("terminated by {}", signal_name(s)),
+                Some(ExitRecord::Exited(c)) => format!("exited with code {c} after SIGTERM"),
+                Some(ExitRecord::Unknown) | None => "stopped".into(),
+            };
+            return Ok(Status::Finished(match stop.reason {
+                StopReason::Cancel => {
+                    Outcome::abnormal(AbnormalKind::Cancelled, format!("cancelled: {how}"))
+                }
+                StopReason::TimeLimit => Outcome::abnormal(
+                    AbnormalKind::TimedOut,
+                    format!(
+                        "exceeded its time limit of {} ms: {how}",
+                        snap.spec.payload.time_limit_ms.unwrap_or_default()
+                    ),
+                ),
+            }));
+        }
+        let hint = || {
+            tail(&dir.join(STDERR), 1)
+                .pop()
+                .map(|l| format!("; stderr: {}", truncate(&l, 200)))
+                .unwrap_or_default()
+        };
+        Ok(Status::Finished(match record {
+            Some(ExitRecord::Exited(0)) => Outcome::Succeeded {
+                data: json!({
+                    "exit_code": 0,
+                    "stdout": dir.join(STDOUT),
+                    "stderr": dir.join(STDERR),
+                    "stdout_tail": tail(&dir.join(STDOUT), self.settings.tail_lines),
+                    "stderr_tail": tail(&dir.join(STDERR), self.settings.tail_lines),
+                }),
+            },
+            Some(ExitRecord::Exited(code)) => Outcome::abnormal(
+                AbnormalKind::Failed,
+                format!("exited with code {code}{}", hint()),
+            ),
+            Some(ExitRecord::Signaled(s)) => Outcome::abnormal(
+                AbnormalKind::Crashed,
+                format!(
+                    "killed by {} (signal {s}), not sent by the distributor{}",
+                    signal_name(s),
+                    hint()
+                ),
+            ),
+            Some(ExitRecord::Unknown) => Outcome::abnormal(
+                AbnormalKind::Crashed,
+                "its supervisor could not collect the exit status",
+            ),
+            None => match snap.exit {
+                Some(None) => Outcome::abnormal(
+                    AbnormalKind::ResultMalformed,
+                    format!("unreadable exit record in {}", dir.join(EXIT).display()),
+                ),
+                _ => Outcome::abnormal(
+                    AbnormalKind::Crashed,
+                    format!(
+                        "its supervisor{} ended without recording an exit status",
+                        snap.supervisor
+                            .map(|p| format!(" (pid {p})"))
+                            .unwrap_or_default()
+                    ),
+                ),
+            },
+        }))
+    }
+
+    /// The link to the execution's log: `{info_base_url}/executions/{id}/log`, or the `file://`
+    /// URL of its stdout. Pure.
+    pub(crate) fn info_url(&self, id: ExecutionId, token: &Token) -> Option<Url> {
+        match &self.settings.info_base_url {
+            Some(base) => Url::parse(&format!(
+                "{}/executions/{id}/log",
+                base.as_str().trim_end_matches('/')
+            ))
+            .ok(),
+            None => self
+                .dir_of(token)
+                .and_then(|d| Url::from_file_path(d.join(STDOUT)).ok()),
+        }
+    }
+
+    /// Re-attaches to the state directory: watchers for running work, the queue for waiting
+    /// work; removes staging directories left by a crash.
+    fn rescan(self: &Arc<Self>) -> Result<()> {
+        let dir = &self.settings.state_dir;
+        let entries = fs::read_dir(dir).map_err(|e| io_err(dir, e))?;
+        let mut queued: Vec<(Timestamp, Token)> = Vec::new();
+        let mut running: Vec<Token> = Vec::new();
+        let me = std::process::id();
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err(dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if name.starts_with(STAGING_PREFIX) {
+                let stale = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > Duration::from_secs(60));
+                if stale {
+                    let _ = fs::remove_dir_all(&path);
+                }
+                continue;
+            }
+            if !valid_token(&name) {
+                continue;
+            }
+            let token = Token::new(name);
+            let snap = match read_snapshot(&path) {
+                Ok(Some(s)) => s,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(dir = %path.display(), error = %e, "skipping unreadable execution");
+                    continue;
+                }
+            };
+            if snap.error.is_some() {
+                continue;
+            }
+            match (&snap.claim, snap.pid) {
+                (Some(Claim::Cancelled), _) => {}
+                (_, Some(_)) => {
+                    if !matches!(self.derive(&path, &snap), Ok(Status::Finished(_))) {
+                        running.push(token);
+                    }
+                }
+                (Some(Claim::Start(owner)), None) if *owner != me && pid_alive(*owner) => {}
+                (_, None) => queued.push((snap.spec.queued_at, token)),
+            }
+        }
+        queued.sort();
+        {
+            let mut g = self.lock();
+            for t in &running {
+                g.slots.insert(t.clone(), Arc::new(Notify::new()));
+            }
+            g.queue.extend(queued.into_iter().map(|(_, t)| t));
+        }
+        for t in &running {
+            self.attach(t, Waiter::Poll(Duration::from_millis(20)));
+        }
+        self.pump();
+        Ok(())
+    }
+}
+
+/// Writes the spec (and stdin data) into a fresh staging directory.
+fn stage(staging: &Path, spec: &Spec) -> Result<()> {
+    let io = |e| classify(format!("staging {}", staging.display()), e);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(staging)
+        .map_err(io)?;
+    let body = serde_json::to_vec_pretty(spec)
+        .map_err(|e| Error::permanent(format!("encoding spec: {e}")))?;
+    write_new(&staging.join(SPEC), &body).map_err(io)?;
+    if let Some(data) = &spec.payload.stdin {
+        write_new(&staging.join(STDIN), data.as_bytes()).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// The command for a payload, with its stdio wired to the execution's files.
+fn command(dir: &Path, p: &LocalPayload) -> io::Result<tokio::process::Command> {
+    let argv = p.command_line();
+    let Some((program, args)) = argv.split_first() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "empty command line",
+        ));
+    };
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args);
+    if p.clear_env {
+        cmd.env_clear();
+    }
+    cmd.envs(&p.env);
+    if let Some(cwd) = &p.cwd {
+        cmd.current_dir(cwd);
+    }
+    cmd.stdin(match &p.stdin {
+        Some(_) => Stdio::from(File::open(dir.join(STDIN))?),
+        None => Stdio::null(),
+    });
+    let log = |name: &str| {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(dir.join(name))
+    };
+    cmd.stdout(log(STDOUT)?);
+    cmd.stderr(log(STDERR)?);
+    Ok(cmd)
+}
+
+fn missing(token: &Token, why: &str) -> Status {
+    Status::Finished(Outcome::abnormal(
+        AbnormalKind::Missing,
+        format!("execution `{token}` {why}"),
+    ))
+}
+
+fn io_err(path: &Path, e: io::Error) -> Error {
+    classify(format!("reading {}", path.display()), e)
+}
+
+/// A request id as a directory name: itself when plain, else `_` + hex.
+fn token_for(rid: &RequestId) -> Result<Token> {
+    let s = rid.as_str();
+    if is_plain(s) {
+        Ok(Token::new(s))
+    } else if s.len() <= 100 {
+        let hex: String = s.bytes().map(|b| format!("{b:02x}")).collect();
+        Ok(Token::new(format!("_{hex}")))
+    } else {
+        Err(Error::permanent(format!(
+            "request id of {} bytes with characters other than [A-Za-z0-9._-]: at most 100 allowed",
+            s.len()
+        )))
+    }
+}
+
+fn is_plain(s: &str) -> bool {
+    (1..=200).contains(&s.len())
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+fn valid_token(s: &str) -> bool {
+    is_plain(s)
+        || s.strip_prefix('_').is_some_and(|h| {
+            !h.is_empty()
+                && h.len() <= 200
+                && h.len() % 2 == 0
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+}
+
+fn read_opt(path: &Path) -> io::Result<Option<String>> {
+    match fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn read_spec(dir: &Path) -> Result<Option<Spec>> {
+    let Some(body) = read_opt(&dir.join(SPEC)).map_err(|e| io_err(dir, e))? else {
+        return Ok(None);
+    };
+    serde_json::from_str(&body)
+        .map(Some)
+        .map_err(|e| Error::permanent(format!("corrupt {}: {e}", dir.join(SPEC).display())))
+}
+
+fn read_error(dir: &Path) -> Result<Option<StartError>> {
+    let Some(body) = read_opt(&dir.join(ERROR)).map_err(|e| io_err(dir, e))? else {
+        return Ok(None);
+    };
+    Ok(Some(serde_json::from_str(&body).unwrap_or(StartError {
+        kind: AbnormalKind::Crashed,
+        message: body,
+    })))
+}
+
+fn read_pid(dir: &Path, name: &str) -> Option<i32> {
+    read_opt(&dir.join(name))
+        .ok()
+        .flatten()
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|p: &i32| *p > 1)
+}
+
+fn read_stop(dir: &Path) -> Option<Stop> {
+    read_opt(&dir.join(STOP))
+        .ok()
+        .flatten()
+        .and_then(|s| Stop::parse(&s))
+}
+
+fn read_snapshot(dir: &Path) -> Result<Option<Snapshot>> {
+    let Some(spec) = read_spec(dir)? else {
+        return Ok(None);
+    };
+    let error = read_error(dir)?;
+    let claim = read_opt(&dir.join(CLAIM))
+        .map_err(|e| io_err(dir, e))?
+        .and_then(|s| Claim::parse(&s));
+    let pid = read_pid(dir, PID);
+    let started_at = pid.and_then(|_| {
+        fs::metadata(dir.join(PID))
+            .and_then(|m| m.modified())
+            .ok()
+            .map(Timestamp::from)
+    });
+    let supervisor = read_pid(dir, SUPERVISOR);
+    let exit = read_opt(&dir.join(EXIT))
+        .map_err(|e| io_err(dir, e))?
+        .map(|s| ExitRecord::parse(&s));
+    let stop = read_stop(dir);
+    Ok(Some(Snapshot {
+        spec,
+        error,
+        claim,
+        pid,
+        started_at,
+        supervisor,
+        exit,
+        stop,
+    }))
+}
+
+/// Takes `claim` for the execution in `dir` if nobody holds one; else returns the holder's.
+fn claim(dir: &Path, claim: &Claim) -> io::Result<Option<Claim>> {
+    match link_new(dir, CLAIM, claim.encode().as_bytes())? {
+        true => Ok(None),
+        false => Ok(read_opt(&dir.join(CLAIM))?
+            .and_then(|s| Claim::parse(&s))
+            .or(Some(Claim::Cancelled))),
+    }
+}
+
+/// Records that the adapter is stopping the work (first stop wins) and returns the one in force.
+fn write_stop(dir: &Path, reason: StopReason) -> io::Result<Stop> {
+    let stop = Stop {
+        reason,
+        at: Timestamp::now(),
+    };
+    if link_new(dir, STOP, stop.encode().as_bytes())? {
+        return Ok(stop);
+    }
+    Ok(read_stop(dir).unwrap_or(stop))
+}
+
+/// Creates `dir/name` with `data` atomically, only if it does not exist. True if created.
+fn link_new(dir: &Path, name: &str, data: &[u8]) -> io::Result<bool> {
+    let tmp = dir.join(format!(
+        ".{name}.{}-{}",
+        std::process::id(),
+        UNIQUE.fetch_add(1, Ordering::Relaxed)
+    ));
+    write_new(&tmp, data)?;
+    let r = fs::hard_link(&tmp, dir.join(name));
+    let _ = fs::remove_file(&tmp);
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Replaces `dir/name` with `data` atomically.
+fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!(
+        ".{name}.{}-{}",
+        std::process::id(),
+        UNIQUE.fetch_add(1, Ordering::Relaxed)
+    ));
+    write_new(&tmp, data)?;
+    fs::rename(&tmp, dir.join(name)).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
+}
+
+fn write_new(path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)
+}
+
+fn pid_alive(pid: u32) -> bool {
+    i32::try_from(pid).is_ok_and(process_alive)
+}
+
+/// The last `n` lines of a log file (at most the last 64 KiB are read), lossily decoded.
+fn tail(path: &Path, n: usize) -> Vec<String> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let Ok(mut f) = File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(TAIL_BYTES);
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_err() || f.take(TAIL_BYTES).read_to_end(&mut buf).is_err()
+    {
+        return Vec::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let mut lines: Vec<&str> = text.lines().collect();
+    if start > 0 && !lines.is_empty() {
+        lines.remove(0);
+    }
+    let skip = lines.len().saturating_sub(n);
+    lines[skip..]
+        .iter()
+        .map(|l| truncate(l, 1000).to_owned())
+        .collect()
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+fn instant_of(t: Timestamp) -> tokio::time::Instant {
+    tokio::time::Instant::now() + Timestamp::now().until(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_request_ids_are_their_own_token() {
+        let t = token_for(&RequestId::new("0f8a-uuid_like.1")).unwrap();
+        assert_eq!(t.as_str(), "0f8a-uuid_like.1");
+        assert!(valid_token(t.as_str()));
+    }
+
+    #[test]
+    fn other_request_ids_are_hex_encoded_and_cannot_escape() {
+        let t = token_for(&RequestId::new("../etc")).unwrap();
+        assert_eq!(t.as_str(), "_2e2e2f657463");
+        assert!(valid_token(t.as_str()));
+        for bad in ["../x", "", ".hidden", "a/b", "_zz", "_1", "-x"] {
+            assert!(!valid_token(bad), "{bad}");
+        }
+        assert!(token_for(&RequestId::new("/".repeat(101))).is_err());
+    }
+
+    #[test]
+    fn records_round_trip() {
+        for c in [Claim::Start(42), Claim::Cancelled] {
+            assert_eq!(Claim::parse(&c.encode()), Some(c));
+        }
+        let s = Stop {
+            reason: StopReason::TimeLimit,
+            at: Timestamp(7),
+        };
+        assert_eq!(Stop::parse(&s.encode()), Some(s));
+        assert_eq!(ExitRecord::parse("exited 3\n"), Some(ExitRecord::Exited(3)));
+        assert_eq!(
+            ExitRecord::parse("signaled 9\n"),
+            Some(ExitRecord::Signaled(9))
+        );
+        assert_eq!(ExitRecord::parse("garbage"), None);
+    }
+
+    #[test]
+    fn tail_keeps_last_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("log");
+        fs::write(&p, "a\nb\nc\n").unwrap();
+        assert_eq!(tail(&p, 2), ["b", "c"]);
+        assert_eq!(tail(&p, 10), ["a", "b", "c"]);
+        assert!(tail(&d.path().join("none"), 3).is_empty());
+    }
+}
