@@ -18,8 +18,9 @@ use url::Url;
 pub struct LocalConfig {
     /// Directory holding one sub-directory per execution (spec, pid, exit status, logs). A
     /// relative path is resolved against the orchestrator's working directory when the instance
-    /// is built. Created if missing. One live instance per directory: a second instance on the
-    /// same directory (after a restart) re-attaches to the work the first one started.
+    /// is built. Created if missing. Instances may share a directory: each follows the work
+    /// it started, and work whose orchestrator process has died is adopted by the next instance
+    /// built on the directory (or asked to `recover` it).
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
     /// How many processes this instance runs at once. Further work waits, reported `Pending`,

@@ -427,12 +427,15 @@ impl Local {
             None => {}
             Some(Claim::Cancelled) => return Ok(false),
             Some(Claim::Start(owner)) => {
+                // A live orchestrator process (possibly another instance in this one) started
+                // it or is starting it: it is theirs to follow.
+                if pid_alive(owner) {
+                    return Ok(false);
+                }
+                // Its starter died: adopt it if it runs, else start it.
                 if read_pid(&dir, PID).is_some() {
                     self.attach(token, Waiter::Poll(Duration::from_millis(20)));
                     return Ok(true);
-                }
-                if owner != me && pid_alive(owner) {
-                    return Ok(false);
                 }
                 write_atomic(&dir, CLAIM, Claim::Start(me).encode().as_bytes())
                     .map_err(|e| classify(format!("claiming {}", dir.display()), e))?;
@@ -654,7 +657,7 @@ impl Local {
                 None => true,
                 Some(Claim::Cancelled) => false,
                 Some(Claim::Start(owner)) => {
-                    if owner != std::process::id() && !pid_alive(owner) {
+                    if !pid_alive(owner) {
                         // The starter died before starting it: nobody will; cancel outright.
                         write_atomic(&dir, CLAIM, Claim::Cancelled.encode().as_bytes())
                             .map_err(|e| io("cancelling", e))?;
@@ -877,7 +880,6 @@ impl Local {
         let entries = fs::read_dir(dir).map_err(|e| io_err(dir, e))?;
         let mut queued: Vec<(Timestamp, Token)> = Vec::new();
         let mut running: Vec<Token> = Vec::new();
-        let me = std::process::id();
         for entry in entries {
             let entry = entry.map_err(|e| io_err(dir, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -911,12 +913,13 @@ impl Local {
             }
             match (&snap.claim, snap.pid) {
                 (Some(Claim::Cancelled), _) => {}
+                // Started or being started by a live orchestrator process: theirs to follow.
+                (Some(Claim::Start(owner)), _) if pid_alive(*owner) => {}
                 (_, Some(_)) => {
                     if !matches!(self.derive(&path, &snap), Ok(Status::Finished(_))) {
                         running.push(token);
                     }
                 }
-                (Some(Claim::Start(owner)), None) if *owner != me && pid_alive(*owner) => {}
                 (_, None) => queued.push((snap.spec.queued_at, token)),
             }
         }

@@ -3,6 +3,7 @@
 //!
 //! No test sleeps to wait for something: each polls the state it expects with a deadline.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -504,70 +505,48 @@ async fn fresh_instance_reattaches_and_gets_true_exit_status() {
     assert_eq!(d.run(&t).await.unwrap().token, first.token);
 }
 
-/// Queued work survives a restart: the new instance rebuilds the queue from the state
-/// directory and starts it.
-#[tokio::test]
-async fn queue_is_rebuilt_from_the_state_directory() {
-    let state = tempfile::tempdir().unwrap();
-    let gate = state.path().join("gate");
-    let cfg = LocalConfig {
-        max_parallel: 1,
-        ..config(state.path())
-    };
-    let ta = task(17, "first", gated(&gate, 0));
-    let tb = task(18, "second", json!({"argv": ["true"]}));
-    let (la, lb) = {
-        let (cfg, ta, tb) = (cfg.clone(), ta.clone(), tb.clone());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            let out = rt.block_on(async {
-                let (d, _p) = build(cfg).await;
-                let la = d.run(&ta).await.unwrap();
-                let lb = d.run(&tb).await.unwrap();
-                assert_eq!(
-                    d.status(&execution(&tb, &lb)).await.unwrap(),
-                    Status::Pending
-                );
-                (la, lb)
-            });
-            rt.shutdown_background();
-            out
-        })
-        .join()
-        .unwrap()
-    };
-    let (d, _p) = build(cfg).await;
-    let (a, b) = (execution(&ta, &la), execution(&tb, &lb));
-    assert_eq!(d.status(&b).await.unwrap(), Status::Pending);
-    std::fs::write(&gate, "").unwrap();
-    assert!(finished(&d, &a).await.is_success());
-    assert!(finished(&d, &b).await.is_success());
+/// Starts [`helper_orchestrator`] as a separate orchestrator process (in its own process group,
+/// like a shell job) running `scenario`, waits until it says its work is in place, and kills its
+/// whole process group with SIGKILL (what a terminal's hang-up or an OOM kill of the job does).
+async fn orchestrator_killed_after(scenario: &str, state: &Path, gate: &Path) {
+    let ready = state.join(format!("{scenario}-ready"));
+    let mut orchestrator = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "helper_orchestrator", "--ignored", "--nocapture"])
+        .env("LOCAL_TEST_SCENARIO", scenario)
+        .env("LOCAL_TEST_STATE", state)
+        .env("LOCAL_TEST_GATE", gate)
+        .env("LOCAL_TEST_READY", &ready)
+        .stdout(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + DEADLINE;
+    while !ready.exists() {
+        if let Some(status) = orchestrator.try_wait().unwrap() {
+            panic!("helper orchestrator exited early: {status}");
+        }
+        assert!(Instant::now() < end, "helper orchestrator never got ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let group = i32::try_from(orchestrator.id()).unwrap();
+    // SAFETY: killpg on the helper's own process group (its pid, by process_group(0)).
+    assert_eq!(unsafe { libc::killpg(group, libc::SIGKILL) }, 0);
+    orchestrator.wait().unwrap();
 }
 
 /// The real thing: an orchestrator process is killed with SIGKILL while its work runs; the work
-/// keeps running, and a new instance gets its true exit status.
+/// keeps running, and a new instance adopts it and gets its true exit status.
 #[tokio::test]
 async fn orchestrator_sigkill_does_not_kill_the_work() {
     let state = tempfile::tempdir().unwrap();
     let gate = state.path().join("gate");
-    let ready = state.path().join("orchestrator-ready");
-    let mut orchestrator = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "helper_orchestrator", "--ignored", "--nocapture"])
-        .env("LOCAL_TEST_STATE", state.path())
-        .env("LOCAL_TEST_GATE", &gate)
-        .env("LOCAL_TEST_READY", &ready)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    file_appears(&ready).await;
-    orchestrator.kill().unwrap(); // SIGKILL
-    orchestrator.wait().unwrap();
+    orchestrator_killed_after("orphan", state.path(), &gate).await;
 
-    let (d, _p) = build(config(state.path())).await;
+    let (d, mut pushes) = build(config(state.path())).await;
     let t = task(19, "orphaned", gated(&gate, 9));
     let e = execution(&t, &Launch::new("orphaned"));
     assert_eq!(
-        d.recover(&e).await.unwrap(),
+        d.status(&e).await.unwrap(),
         Status::Running,
         "work outlived its orchestrator"
     );
@@ -576,24 +555,83 @@ async fn orchestrator_sigkill_does_not_kill_the_work() {
     let (kind, reason) = abnormal(&o);
     assert_eq!(kind, AbnormalKind::Failed);
     assert!(reason.contains("code 9"), "{reason}");
+    // Adopted at build (no recover call needed): the new instance's watcher pushes the finish.
+    let (id, n) = tokio::time::timeout(DEADLINE, pushes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((id, n.sequence), (ExecutionId(19), Some(2)));
 }
 
-/// Not a test: the orchestrator process `orchestrator_sigkill_does_not_kill_the_work` starts and
-/// kills. Runs gated work, signals readiness, then waits to be killed.
+/// Queued work survives an orchestrator's death: the next instance rebuilds the queue from the
+/// state directory, counts the adopted running work against `max_parallel`, and starts the
+/// queued work when it finishes.
 #[tokio::test]
-#[ignore = "helper process of orchestrator_sigkill_does_not_kill_the_work"]
+async fn queue_is_rebuilt_from_the_state_directory() {
+    let state = tempfile::tempdir().unwrap();
+    let gate = state.path().join("gate");
+    orchestrator_killed_after("queue", state.path(), &gate).await;
+
+    let (d, _p) = build(LocalConfig {
+        max_parallel: 1,
+        ..config(state.path())
+    })
+    .await;
+    let ta = task(21, "first", gated(&gate, 0));
+    let tb = task(22, "second", json!({"argv": ["true"]}));
+    let (a, b) = (
+        execution(&ta, &Launch::new("first")),
+        execution(&tb, &Launch::new("second")),
+    );
+    assert_eq!(d.status(&a).await.unwrap(), Status::Running);
+    assert_eq!(d.status(&b).await.unwrap(), Status::Pending);
+    std::fs::write(&gate, "").unwrap();
+    assert!(finished(&d, &a).await.is_success());
+    assert!(finished(&d, &b).await.is_success());
+}
+
+/// Not a test: the orchestrator process that `orchestrator_killed_after` starts and kills.
+/// Starts the scenario's work, says it is ready, then waits to be killed.
+#[tokio::test]
+#[ignore = "helper process of the orchestrator-SIGKILL tests"]
 async fn helper_orchestrator() {
-    let (Some(state), Some(gate), Some(ready)) = (
+    let (Ok(scenario), Some(state), Some(gate), Some(ready)) = (
+        std::env::var("LOCAL_TEST_SCENARIO"),
         std::env::var_os("LOCAL_TEST_STATE"),
         std::env::var_os("LOCAL_TEST_GATE"),
         std::env::var_os("LOCAL_TEST_READY"),
     ) else {
         return;
     };
-    let (d, _p) = build(config(Path::new(&state))).await;
-    let t = task(19, "orphaned", gated(Path::new(&gate), 9));
-    let l = d.run(&t).await.unwrap();
-    poll_until(&d, &execution(&t, &l), "running", |s| *s == Status::Running).await;
+    let (state, gate) = (Path::new(&state), Path::new(&gate));
+    match scenario.as_str() {
+        "orphan" => {
+            let (d, _p) = build(config(state)).await;
+            let t = task(19, "orphaned", gated(gate, 9));
+            let l = d.run(&t).await.unwrap();
+            poll_until(&d, &execution(&t, &l), "running", |s| *s == Status::Running).await;
+        }
+        "queue" => {
+            let (d, _p) = build(LocalConfig {
+                max_parallel: 1,
+                ..config(state)
+            })
+            .await;
+            let ta = task(21, "first", gated(gate, 0));
+            let tb = task(22, "second", json!({"argv": ["true"]}));
+            let la = d.run(&ta).await.unwrap();
+            let lb = d.run(&tb).await.unwrap();
+            poll_until(&d, &execution(&ta, &la), "running", |s| {
+                *s == Status::Running
+            })
+            .await;
+            assert_eq!(
+                d.status(&execution(&tb, &lb)).await.unwrap(),
+                Status::Pending
+            );
+        }
+        other => panic!("unknown scenario {other}"),
+    }
     std::fs::write(&ready, "").unwrap();
     std::future::pending::<()>().await;
 }
