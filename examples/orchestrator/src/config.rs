@@ -1,0 +1,349 @@
+//! The orchestrator's config: distributors, engine settings and store, with embedded defaults.
+//!
+//! ```toml
+//! [distributors.local]        # any number of named instances (see distributor-core's config)
+//! kind = "local"
+//! state_dir = ".distributor/local"
+//!
+//! [engine]                    # optional; maps onto distributor_core::Settings
+//! poll_interval = "5s"        # durations as "500ms"/"5s"/"1m", or integer milliseconds
+//! stop_polls = 3
+//!
+//! [store]                     # optional
+//! path = ".distributor/engine.db"   # SQLite file; ":memory:" keeps nothing
+//! ```
+//!
+//! Without a file (or without a `[distributors]` table) the orchestrator configures one
+//! distributor, `local`, keeping its state under `.distributor/local`; the store defaults to
+//! `.distributor/engine.db`. Every problem in a file is reported at once, each with the JSON
+//! Pointer of the value at fault.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use distributor_core::store::{MemoryStore, SqliteStore, Store};
+use distributor_core::{
+    ConfigError, ConfigProblem, DistributorsConfig, Engine, Error, Registry, Settings, nearest,
+};
+use serde_json::{Map, Value, json};
+
+use crate::duration::HumanDuration;
+
+/// Where the engine keeps its records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// One SQLite file (created with its directory if missing).
+    Sqlite(PathBuf),
+    /// In memory: everything is lost on exit.
+    Memory,
+}
+
+/// A loaded, validated orchestrator config.
+#[derive(Debug, Clone)]
+pub struct OrchestratorConfig {
+    /// The distributor instances.
+    pub distributors: DistributorsConfig,
+    /// Engine tunables.
+    pub settings: Settings,
+    /// The store.
+    pub store: StoreLocation,
+}
+
+/// The default store file.
+pub const DEFAULT_STORE: &str = ".distributor/engine.db";
+/// The default `local` instance's state directory.
+pub const DEFAULT_LOCAL_STATE: &str = ".distributor/local";
+
+/// Every adapter kind linked into this binary.
+///
+/// Errors: [`Error::DuplicateKind`] if two linked crates register one kind.
+pub fn registry() -> Result<Registry, Error> {
+    Registry::from_inventory()
+}
+
+fn default_distributors() -> Value {
+    json!({ "local": { "kind": "local", "state_dir": DEFAULT_LOCAL_STATE, "max_parallel": 8 } })
+}
+
+impl OrchestratorConfig {
+    /// The embedded defaults: one `local` distributor and SQLite under `.distributor/`.
+    ///
+    /// Errors: the `local` kind is not linked (never in this binary).
+    pub fn defaults(registry: &Registry) -> Result<Self, Error> {
+        Self::from_value(registry, "<defaults>", &json!({}))
+    }
+
+    /// Loads `path` (JSON if it ends in `.json`, TOML otherwise), or the defaults when `None`.
+    ///
+    /// Errors: [`Error::Config`] with every problem in the file.
+    pub fn load(registry: &Registry, path: Option<&Path>) -> Result<Self, Error> {
+        let Some(path) = path else {
+            return Self::defaults(registry);
+        };
+        let name = path.display().to_string();
+        let problem = |message: String| -> Error {
+            ConfigError {
+                source_name: name.clone(),
+                problems: vec![ConfigProblem {
+                    instance: None,
+                    pointer: String::new(),
+                    message,
+                }],
+            }
+            .into()
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| problem(format!("cannot read: {e}")))?;
+        let doc: Value = if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text).map_err(|e| problem(format!("invalid JSON: {e}")))?
+        } else {
+            toml::from_str(&text).map_err(|e| problem(format!("invalid TOML: {e}")))?
+        };
+        Self::from_value(registry, &name, &doc)
+    }
+
+    /// Validates a parsed document. Problems in `[engine]`, `[store]` and `[distributors]` are
+    /// all collected before failing.
+    ///
+    /// Errors: [`Error::Config`] listing every problem.
+    pub fn from_value(registry: &Registry, source_name: &str, doc: &Value) -> Result<Self, Error> {
+        let mut problems = Vec::new();
+        let mut file_problem = |pointer: String, message: String| {
+            problems.push(ConfigProblem {
+                instance: None,
+                pointer,
+                message,
+            });
+        };
+        let empty = Map::new();
+        let Some(top) = doc.as_object() else {
+            file_problem(String::new(), "expected a table at the top level".into());
+            return Err(ConfigError {
+                source_name: source_name.into(),
+                problems,
+            }
+            .into());
+        };
+        for key in top.keys() {
+            if !["distributors", "engine", "store"].contains(&key.as_str()) {
+                let hint = nearest(key, ["distributors", "engine", "store"])
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                file_problem(
+                    format!("/{key}"),
+                    format!("unknown table `{key}`{hint}; expected distributors, engine, store"),
+                );
+            }
+        }
+        let settings = parse_settings(
+            top.get("engine")
+                .map_or(Ok(&empty), |v| v.as_object().ok_or(v)),
+            &mut file_problem,
+        );
+        let store = parse_store(
+            top.get("store")
+                .map_or(Ok(&empty), |v| v.as_object().ok_or(v)),
+            &mut file_problem,
+        );
+        let mut dist_doc = Map::new();
+        dist_doc.insert(
+            "distributors".into(),
+            top.get("distributors")
+                .cloned()
+                .unwrap_or_else(default_distributors),
+        );
+        let distributors =
+            match DistributorsConfig::from_value(registry, source_name, &Value::Object(dist_doc)) {
+                Ok(d) => Some(d),
+                Err(Error::Config(e)) => {
+                    problems.extend(e.problems);
+                    None
+                }
+                Err(e) => return Err(e),
+            };
+        match (distributors, problems.is_empty()) {
+            (Some(distributors), true) => Ok(Self {
+                distributors,
+                settings,
+                store,
+            }),
+            _ => Err(ConfigError {
+                source_name: source_name.into(),
+                problems,
+            }
+            .into()),
+        }
+    }
+
+    /// Opens the store this config names.
+    ///
+    /// Errors: [`Error::Store`] when the SQLite file cannot be created or opened.
+    pub async fn open_store(&self) -> Result<Arc<dyn Store>, Error> {
+        Ok(match &self.store {
+            StoreLocation::Memory => Arc::new(MemoryStore::new()),
+            StoreLocation::Sqlite(p) => Arc::new(SqliteStore::open(p).await?),
+        })
+    }
+
+    /// Builds and starts an engine on this config; `notify_target` is where backends push.
+    ///
+    /// Errors: the store cannot be opened, or an adapter's factory refuses its config.
+    pub async fn engine(
+        &self,
+        registry: Registry,
+        notify_target: Option<String>,
+    ) -> Result<Engine, Error> {
+        let mut b = Engine::builder()
+            .registry(registry)
+            .distributors(self.distributors.clone())
+            .settings(self.settings.clone())
+            .store_arc(self.open_store().await?);
+        if let Some(t) = notify_target {
+            b = b.notify_target(t);
+        }
+        b.build().await
+    }
+}
+
+type Section<'a> = Result<&'a Map<String, Value>, &'a Value>;
+
+fn parse_settings(section: Section<'_>, problem: &mut impl FnMut(String, String)) -> Settings {
+    let defaults = Settings::default();
+    let section = match section {
+        Ok(s) => s,
+        Err(_) => {
+            problem("/engine".into(), "expected a table".into());
+            return defaults;
+        }
+    };
+    let known = match serde_json::to_value(&defaults) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    let mut merged = known.clone();
+    for (key, value) in section {
+        let pointer = format!("/engine/{key}");
+        let Some(default) = known.get(key) else {
+            let hint = nearest(key, known.keys().map(String::as_str))
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            problem(pointer, format!("unknown setting `{key}`{hint}"));
+            continue;
+        };
+        // Durations are integer milliseconds in `Settings`; also accept "5s".
+        let is_duration = ["interval", "timeout", "backoff", "ttl"]
+            .iter()
+            .any(|w| key.contains(w));
+        let value = match (value, default) {
+            (Value::String(s), Value::Number(_)) if is_duration => match HumanDuration::parse(s) {
+                Ok(d) => json!(u64::try_from(d.0.as_millis()).unwrap_or(u64::MAX)),
+                Err(e) => {
+                    problem(pointer, e);
+                    continue;
+                }
+            },
+            (v, _) => v.clone(),
+        };
+        let mut one = Map::new();
+        one.insert(key.clone(), value.clone());
+        match serde_json::from_value::<Settings>(Value::Object(one)) {
+            Ok(_) => {
+                merged.insert(key.clone(), value);
+            }
+            Err(e) => problem(pointer, format!("{e}")),
+        }
+    }
+    serde_json::from_value(Value::Object(merged)).unwrap_or(defaults)
+}
+
+fn parse_store(section: Section<'_>, problem: &mut impl FnMut(String, String)) -> StoreLocation {
+    let default = StoreLocation::Sqlite(PathBuf::from(DEFAULT_STORE));
+    let section = match section {
+        Ok(s) => s,
+        Err(_) => {
+            problem("/store".into(), "expected a table".into());
+            return default;
+        }
+    };
+    let mut out = default;
+    for (key, value) in section {
+        match (key.as_str(), value.as_str()) {
+            ("path", Some(":memory:")) => out = StoreLocation::Memory,
+            ("path", Some(p)) if !p.is_empty() => out = StoreLocation::Sqlite(p.into()),
+            ("path", _) => problem(
+                "/store/path".into(),
+                "expected a file path (or \":memory:\")".into(),
+            ),
+            (other, _) => problem(
+                format!("/store/{other}"),
+                format!("unknown field `{other}`; expected `path`"),
+            ),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg() -> Registry {
+        registry().unwrap()
+    }
+
+    #[test]
+    fn defaults_have_local_and_sqlite() {
+        let c = OrchestratorConfig::defaults(&reg()).unwrap();
+        assert_eq!(
+            c.distributors.names(),
+            [distributor_core::DistributorName::from("local")]
+        );
+        assert_eq!(c.store, StoreLocation::Sqlite(DEFAULT_STORE.into()));
+        assert_eq!(c.settings, Settings::default());
+    }
+
+    #[test]
+    fn engine_table_maps_onto_settings_with_human_durations() {
+        let doc: Value = toml::from_str(
+            "[engine]\npoll_interval = \"2s\"\nstop_polls = 1\nbackoff_base = 250\n\
+             [store]\npath = \":memory:\"",
+        )
+        .unwrap();
+        let c = OrchestratorConfig::from_value(&reg(), "t", &doc).unwrap();
+        assert_eq!(c.settings.poll_interval, std::time::Duration::from_secs(2));
+        assert_eq!(c.settings.stop_polls, 1);
+        assert_eq!(
+            c.settings.backoff_base,
+            std::time::Duration::from_millis(250)
+        );
+        assert_eq!(c.store, StoreLocation::Memory);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_pointer() {
+        let doc: Value = toml::from_str(
+            "[engine]\npoll_intervall = \"2s\"\nstop_polls = \"many\"\nbackoff_max = \"2 weeks\"\n\
+             [store]\nfile = \"x\"\n[distributors.a]\nkind = \"locl\"\n\
+             [distributors.b]\nkind = \"local\"\nmax_parallel = \"x\"\n[extra]\n",
+        )
+        .unwrap();
+        let Err(Error::Config(e)) = OrchestratorConfig::from_value(&reg(), "t", &doc) else {
+            panic!("expected a config error");
+        };
+        let at: Vec<_> = e.problems.iter().map(|p| p.pointer.as_str()).collect();
+        for want in [
+            "/extra",
+            "/engine/poll_intervall",
+            "/engine/stop_polls",
+            "/engine/backoff_max",
+            "/store/file",
+            "/kind",
+            "/max_parallel",
+        ] {
+            assert!(at.contains(&want), "missing {want} in {e}");
+        }
+        let text = e.to_string();
+        assert!(text.contains("did you mean `poll_interval`"), "{text}");
+        assert!(text.contains("did you mean `local`"), "{text}");
+    }
+}

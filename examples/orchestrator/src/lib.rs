@@ -1,0 +1,22 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+
+// Force-link every adapter crate so that their `inventory` registrations are in the binary
+// (rust-lang/rust#64731): a crate no code names is not linked.
+use distributor_jobs as _;
+use distributor_local as _;
+use distributor_slurm as _;
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod duration;
+mod page;
+pub mod run;
+pub mod serve;
+pub mod taskfile;
+
+pub use config::{OrchestratorConfig, StoreLocation, registry};
+pub use run::{Progress, RunReport, TaskResult, run};
+pub use serve::{router, serve};
+pub use taskfile::{TaskFile, TaskFileError, TaskSpec};

@@ -1,0 +1,580 @@
+//! `orchestrator serve`: the HTTP API over an engine (axum router and handlers).
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `POST /v1/executions` | submit a task ([`SubmitRequest`]) → 201 `{id, url}` |
+//! | `GET /v1/executions/{id}` | one execution with its history |
+//! | `GET /v1/executions?state=a,b&distributor=d&label=k=v&task_id=&after=&limit=` | list |
+//! | `POST /v1/executions/{id}/cancel` | request cancellation (`{"reason"}` optional) → 202 |
+//! | `POST /v1/executions/{id}/poke` | poll the backend now → 202 |
+//! | `POST /v1/notify` | a push: Google Pub/Sub push JSON or plain JSON |
+//! | `GET /v1/kinds` | registered kinds, their config and payload schemas, configured names |
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /healthz` | liveness (the store answers) |
+//! | `GET /` | an HTML status page |
+//!
+//! Errors are JSON ([`ErrorResponse`]) naming the field at fault: malformed bodies 400,
+//! invalid payloads 422 with every violation, unknown ids 404, pushes without a token 401 and with
+//! a forged, expired or foreign token 403. Stale, duplicate and post-terminal pushes are
+//! acknowledged with 200 `{"accepted": false, "reason"}` so that a push service stops redelivering
+//! them.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::OnceLock;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State as AxState};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use distributor_core::store::ListFilter;
+use distributor_core::{
+    Engine, Error, ExecutionId, Notification, NotificationRejection, State, TaskId,
+};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use crate::api::{ErrorBody, ErrorResponse, ExecutionView, SubmitRequest, Submitted};
+
+/// The server's shared state.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    engine: Engine,
+    metrics: PrometheusHandle,
+}
+
+/// Installs the process-wide Prometheus recorder once (without an HTTP listener: `/metrics`
+/// renders on request) and returns its handle.
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (an embedder's); ours then renders
+            // nothing but stays usable.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// The API router over `engine`.
+pub fn router(engine: Engine) -> Router {
+    let state = AppState {
+        engine,
+        metrics: prometheus(),
+    };
+    Router::new()
+        .route("/", get(crate::page::index))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/kinds", get(kinds))
+        .route("/v1/executions", post(submit).get(list))
+        .route("/v1/executions/{id}", get(get_one))
+        .route("/v1/executions/{id}/cancel", post(cancel))
+        .route("/v1/executions/{id}/poke", post(poke))
+        .route("/v1/notify", post(notify))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .with_state(state)
+}
+
+/// Serves `router(engine)` on `listener` until `shutdown` completes, then stops the engine
+/// gracefully (work in the backends keeps running).
+///
+/// Errors: the listener fails.
+pub async fn serve(
+    listener: TcpListener,
+    engine: Engine,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(engine.clone());
+    let r = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    engine.shutdown().await;
+    r
+}
+
+impl AppState {
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ErrorBody {
+                code: code.into(),
+                message: message.into(),
+                field: None,
+                violations: Vec::new(),
+            },
+        }
+    }
+    fn field(mut self, field: impl Into<String>) -> Self {
+        self.body.field = Some(field.into());
+        self
+    }
+    fn bad(field: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message).field(field)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(ErrorResponse { error: self.body })).into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::Validation(v) => {
+                let field = v
+                    .violations
+                    .first()
+                    .map(|x| format!("/payload{}", x.pointer));
+                let mut a = Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_payload", msg);
+                a.body.field = field;
+                a.body.violations = v
+                    .violations
+                    .into_iter()
+                    .map(|mut x| {
+                        x.pointer = format!("/payload{}", x.pointer);
+                        x
+                    })
+                    .collect();
+                a
+            }
+            Error::UnknownDistributor { .. } => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_distributor", msg)
+                    .field("/distributor")
+            }
+            Error::UnknownExecution(_) => Self::new(StatusCode::NOT_FOUND, "not_found", msg),
+            Error::NotificationRejected(r) => match r {
+                NotificationRejection::MissingToken => {
+                    Self::new(StatusCode::UNAUTHORIZED, "unauthorized", msg)
+                        .field("/attributes/auth_token")
+                }
+                NotificationRejection::UnknownExecution => {
+                    Self::new(StatusCode::NOT_FOUND, "not_found", msg).field("execution_id")
+                }
+                _ => Self::new(StatusCode::FORBIDDEN, "forbidden", msg)
+                    .field("/attributes/auth_token"),
+            },
+            Error::Shutdown => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg),
+            e if e.is_transient() => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg),
+            _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Parses a JSON body, naming the field at fault (as a JSON Pointer) on error.
+fn parse_body<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad("", "expected a JSON body"));
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let mut pointer = String::new();
+        if path != "." {
+            for seg in path.split('.') {
+                // serde_path_to_error writes sequence indices as `[3]`.
+                for part in seg.split('[') {
+                    let part = part.trim_end_matches(']');
+                    if !part.is_empty() {
+                        pointer.push('/');
+                        pointer.push_str(part);
+                    }
+                }
+            }
+        }
+        let field = missing_field(&inner.to_string())
+            .map(|m| format!("{pointer}/{m}"))
+            .unwrap_or(pointer);
+        ApiError::bad(&field, format!("invalid request body: {inner}"))
+    })
+}
+
+/// The field a serde "missing field `x`" message names (the error's path stops at its parent;
+/// for unknown fields the path already ends with the field).
+fn missing_field(msg: &str) -> Option<&str> {
+    msg.strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+}
+
+fn parse_id(raw: &str) -> ApiResult<ExecutionId> {
+    raw.parse::<u64>()
+        .map(ExecutionId)
+        .map_err(|_| ApiError::bad("id", format!("`{raw}` is not an execution id (an integer)")))
+}
+
+async fn healthz(AxState(s): AxState<AppState>) -> ApiResult<axum::Json<Value>> {
+    s.engine
+        .list(&ListFilter {
+            limit: Some(1),
+            ..ListFilter::default()
+        })
+        .await?;
+    Ok(axum::Json(json!({"status": "ok"})))
+}
+
+async fn metrics_text(AxState(s): AxState<AppState>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        s.metrics.render(),
+    )
+}
+
+async fn kinds(AxState(s): AxState<AppState>) -> axum::Json<Value> {
+    let mut by_kind: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for name in s.engine.distributor_names() {
+        if let Ok(i) = s.engine.instance(name.as_str()) {
+            by_kind
+                .entry(i.kind().name().to_string())
+                .or_default()
+                .push(name.to_string());
+        }
+    }
+    let kinds: Vec<Value> = s
+        .engine
+        .registry()
+        .kinds()
+        .map(|k| {
+            let name = k.name().to_string();
+            json!({
+                "kind": name,
+                "distributors": by_kind.get(&name).cloned().unwrap_or_default(),
+                "config_schema": k.config_schema(),
+                "payload_schema": k.payload_schema(),
+            })
+        })
+        .collect();
+    axum::Json(json!({ "kinds": kinds }))
+}
+
+async fn submit(AxState(s): AxState<AppState>, body: Bytes) -> ApiResult<Response> {
+    let req: SubmitRequest = parse_body(&body)?;
+    let id = s.engine.submit(req.to_task()).await?;
+    let url = format!("/v1/executions/{id}");
+    Ok((
+        StatusCode::CREATED,
+        [(axum::http::header::LOCATION, url.clone())],
+        axum::Json(Submitted { id: id.0, url }),
+    )
+        .into_response())
+}
+
+async fn get_one(
+    AxState(s): AxState<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<ExecutionView>> {
+    let id = parse_id(&id)?;
+    let rec = s.engine.get(id).await?;
+    let mut view = ExecutionView::of(&s.engine, &rec);
+    view.history = s.engine.history(id).await?;
+    Ok(axum::Json(view))
+}
+
+/// Parses the list query; every unknown or malformed parameter is a 400 naming it.
+fn list_filter(query: Option<&str>) -> ApiResult<ListFilter> {
+    let mut f = ListFilter::default();
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "state" => {
+                for s in v.split(',').filter(|s| !s.is_empty()) {
+                    f.states
+                        .push(s.parse::<State>().map_err(|e| ApiError::bad("state", e))?);
+                }
+            }
+            "distributor" => f.distributor = Some(v.as_ref().into()),
+            "label" => {
+                let (lk, lv) = v
+                    .split_once('=')
+                    .ok_or_else(|| ApiError::bad("label", format!("`{v}` is not key=value")))?;
+                f.labels.insert(lk.into(), lv.into());
+            }
+            "task_id" => {
+                f.task_id = Some(TaskId(v.parse().map_err(|_| {
+                    ApiError::bad("task_id", format!("`{v}` is not an integer"))
+                })?));
+            }
+            "after" => {
+                f.after = Some(ExecutionId(v.parse().map_err(|_| {
+                    ApiError::bad("after", format!("`{v}` is not an integer"))
+                })?));
+            }
+            "limit" => {
+                f.limit = Some(v.parse().map_err(|_| {
+                    ApiError::bad("limit", format!("`{v}` is not a positive integer"))
+                })?);
+            }
+            other => {
+                return Err(ApiError::bad(
+                    other,
+                    format!(
+                        "unknown query parameter `{other}`; expected state, distributor, \
+                         label, task_id, after, limit"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(f)
+}
+
+async fn list(
+    AxState(s): AxState<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<axum::Json<Value>> {
+    let filter = list_filter(q.as_deref())?;
+    let recs = s.engine.list(&filter).await?;
+    let views: Vec<ExecutionView> = recs
+        .iter()
+        .map(|r| ExecutionView::of(&s.engine, r))
+        .collect();
+    Ok(axum::Json(json!({ "executions": views })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelRequest {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn cancel(
+    AxState(s): AxState<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    let req: CancelRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelRequest::default()
+    } else {
+        parse_body(&body)?
+    };
+    s.engine
+        .cancel(
+            id,
+            req.reason.unwrap_or_else(|| "requested over HTTP".into()),
+        )
+        .await?;
+    let rec = s.engine.get(id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(ExecutionView::of(&s.engine, &rec)),
+    )
+        .into_response())
+}
+
+async fn poke(AxState(s): AxState<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    s.engine.poke(id).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(json!({"poked": id.0}))).into_response())
+}
+
+/// A Google Pub/Sub push (`{"message": {...}, "subscription": ...}`). Unknown fields are
+/// ignored: Pub/Sub adds fields over time.
+#[derive(Debug, Deserialize)]
+struct PubSubPush {
+    message: PubSubMessage,
+    #[serde(default)]
+    #[allow(dead_code)]
+    subscription: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PubSubMessage {
+    #[serde(default)]
+    data: Option<String>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+    #[serde(default, alias = "message_id")]
+    #[serde(rename = "messageId")]
+    message_id: Option<String>,
+}
+
+/// A plain JSON push.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlainPush {
+    execution_id: u64,
+    #[serde(default)]
+    data: Value,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+    #[serde(default)]
+    sequence: Option<u64>,
+    #[serde(default)]
+    message_id: Option<String>,
+}
+
+fn parse_push(body: &[u8]) -> ApiResult<(ExecutionId, Notification)> {
+    let doc: Value = parse_body(body)?;
+    if doc.get("message").is_some() {
+        let push: PubSubPush = parse_body(body)?;
+        let m = push.message;
+        let data = match &m.data {
+            None => Vec::new(),
+            Some(d) => base64::engine::general_purpose::STANDARD
+                .decode(d)
+                .map_err(|e| ApiError::bad("/message/data", format!("not base64: {e}")))?,
+        };
+        let raw_id = m.attributes.get("execution_id").ok_or_else(|| {
+            ApiError::bad(
+                "/message/attributes/execution_id",
+                "missing attribute `execution_id`",
+            )
+        })?;
+        let id = raw_id.parse().map(ExecutionId).map_err(|_| {
+            ApiError::bad(
+                "/message/attributes/execution_id",
+                format!("`{raw_id}` is not an execution id"),
+            )
+        })?;
+        let sequence = match m.attributes.get("sequence") {
+            None => None,
+            Some(s) => Some(s.parse().map_err(|_| {
+                ApiError::bad(
+                    "/message/attributes/sequence",
+                    format!("`{s}` is not an integer"),
+                )
+            })?),
+        };
+        let mut attributes = m.attributes;
+        attributes.remove("execution_id");
+        Ok((
+            id,
+            Notification {
+                data,
+                attributes,
+                message_id: m.message_id,
+                sequence,
+            },
+        ))
+    } else {
+        let p: PlainPush = parse_body(body)?;
+        let data = match p.data {
+            Value::Null => Vec::new(),
+            Value::String(s) => s.into_bytes(),
+            other => serde_json::to_vec(&other).unwrap_or_default(),
+        };
+        Ok((
+            ExecutionId(p.execution_id),
+            Notification {
+                data,
+                attributes: p.attributes,
+                message_id: p.message_id,
+                sequence: p.sequence,
+            },
+        ))
+    }
+}
+
+async fn notify(AxState(s): AxState<AppState>, body: Bytes) -> ApiResult<Response> {
+    let (id, n) = parse_push(&body)?;
+    match s.engine.notify(id, n).await {
+        Ok(()) => Ok(axum::Json(json!({"accepted": true})).into_response()),
+        Err(Error::NotificationRejected(
+            r @ (NotificationRejection::Stale | NotificationRejection::Terminal),
+        )) => Ok(axum::Json(json!({"accepted": false, "reason": r.to_string()})).into_response()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pubsub_push_decodes_data_id_and_sequence() {
+        let body = json!({
+            "message": {
+                "data": base64::engine::general_purpose::STANDARD.encode(b"{\"x\":1}"),
+                "attributes": {"execution_id": "7", "auth_token": "t", "sequence": "3"},
+                "messageId": "m1", "publishTime": "2024-01-01T00:00:00Z"
+            },
+            "subscription": "projects/p/subscriptions/s"
+        });
+        let (id, n) = parse_push(body.to_string().as_bytes()).unwrap();
+        assert_eq!(id, ExecutionId(7));
+        assert_eq!(n.data, b"{\"x\":1}");
+        assert_eq!(n.sequence, Some(3));
+        assert_eq!(n.message_id.as_deref(), Some("m1"));
+        assert_eq!(
+            n.attributes.get("auth_token").map(String::as_str),
+            Some("t")
+        );
+        assert!(!n.attributes.contains_key("execution_id"));
+    }
+
+    #[test]
+    fn plain_push_and_errors_name_fields() {
+        let (id, n) =
+            parse_push(br#"{"execution_id": 4, "data": {"a": 1}, "sequence": 2}"#).unwrap();
+        assert_eq!((id, n.sequence), (ExecutionId(4), Some(2)));
+        assert_eq!(n.data, br#"{"a":1}"#);
+        let e = parse_push(br#"{"execution_id": "x"}"#).unwrap_err();
+        assert_eq!(e.body.field.as_deref(), Some("/execution_id"));
+        let e = parse_push(br#"{"data": 1}"#).unwrap_err();
+        assert_eq!(e.body.field.as_deref(), Some("/execution_id"), "{e:?}");
+        let e = parse_push(br#"{"message": {"attributes": {}}}"#).unwrap_err();
+        assert_eq!(
+            e.body.field.as_deref(),
+            Some("/message/attributes/execution_id")
+        );
+    }
+
+    #[test]
+    fn list_query_is_parsed_and_unknown_parameters_named() {
+        let f = list_filter(Some(
+            "state=running,failed&distributor=local&label=a%3Db&label=c=d",
+        ))
+        .unwrap();
+        assert_eq!(f.states.len(), 2);
+        assert_eq!(f.labels.len(), 2);
+        assert_eq!(f.labels["a"], "b");
+        assert_eq!(
+            list_filter(Some("stat=x"))
+                .unwrap_err()
+                .body
+                .field
+                .as_deref(),
+            Some("stat")
+        );
+        assert_eq!(
+            list_filter(Some("state=nope"))
+                .unwrap_err()
+                .body
+                .field
+                .as_deref(),
+            Some("state")
+        );
+    }
+}
