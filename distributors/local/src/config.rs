@@ -101,7 +101,10 @@ pub struct LocalPayload {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub script: Option<String>,
     /// Environment variables set for the process, on top of the orchestrator's environment (or
-    /// of an empty one with `clear_env`).
+    /// of an empty one with `clear_env`). The process also gets `DISTRIBUTOR_EXECUTION_ID`,
+    /// `DISTRIBUTOR_TASK_ID`, `DISTRIBUTOR_ATTEMPT`, `DISTRIBUTOR_REQUEST_ID` and
+    /// `DISTRIBUTOR_STATE_DIR` (its directory under the state directory), which `env` may
+    /// override.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     /// Start from an empty environment instead of the orchestrator's (only `env` is set).

@@ -35,9 +35,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use distributor_core::{
-    AbnormalKind, AdapterHandle, AuthToken, Error, ExecutionId, Launch, Notification, Notifier,
-    Outcome, RequestId, Result, SchemaValidator, Status, TaskDescription, Timestamp, Token,
-    ValidationError, Violation,
+    AbnormalKind, AdapterHandle, Attempt, AuthToken, Error, ExecutionId, Launch, Notification,
+    Notifier, Outcome, RequestId, Result, SchemaValidator, Status, TaskDescription, TaskId,
+    Timestamp, Token, ValidationError, Violation,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -103,6 +103,8 @@ struct Spec {
     version: u32,
     request_id: RequestId,
     execution_id: ExecutionId,
+    task_id: TaskId,
+    attempt: Attempt,
     auth_token: AuthToken,
     payload: LocalPayload,
     queued_at: Timestamp,
@@ -360,6 +362,8 @@ impl Local {
             version: SPEC_VERSION,
             request_id: task.request_id.clone(),
             execution_id: task.execution_id,
+            task_id: task.task_id,
+            attempt: task.attempt,
             auth_token: task.notify.auth_token.clone(),
             payload,
             queued_at: Timestamp::now(),
@@ -443,7 +447,7 @@ impl Local {
         }
         let argv = spec.payload.command_line();
         let program = argv.first().cloned().unwrap_or_default();
-        let spawned = command(&dir, &spec.payload).and_then(|cmd| supervisor::spawn(cmd, &dir));
+        let spawned = command(&dir, spec).and_then(|cmd| supervisor::spawn(cmd, &dir));
         match spawned {
             Ok(child) => {
                 self.push(spec, token, Event::Running);
@@ -955,8 +959,10 @@ fn stage(staging: &Path, spec: &Spec) -> Result<()> {
     Ok(())
 }
 
-/// The command for a payload, with its stdio wired to the execution's files.
-fn command(dir: &Path, p: &LocalPayload) -> io::Result<tokio::process::Command> {
+/// The command for an execution, with its stdio wired to the execution's files and the
+/// `DISTRIBUTOR_*` variables set (the payload's `env` may override them).
+fn command(dir: &Path, spec: &Spec) -> io::Result<tokio::process::Command> {
+    let p = &spec.payload;
     let argv = p.command_line();
     let Some((program, args)) = argv.split_first() else {
         return Err(io::Error::new(
@@ -969,6 +975,11 @@ fn command(dir: &Path, p: &LocalPayload) -> io::Result<tokio::process::Command> 
     if p.clear_env {
         cmd.env_clear();
     }
+    cmd.env("DISTRIBUTOR_EXECUTION_ID", spec.execution_id.to_string())
+        .env("DISTRIBUTOR_TASK_ID", spec.task_id.to_string())
+        .env("DISTRIBUTOR_ATTEMPT", spec.attempt.to_string())
+        .env("DISTRIBUTOR_REQUEST_ID", spec.request_id.as_str())
+        .env("DISTRIBUTOR_STATE_DIR", dir);
     cmd.envs(&p.env);
     if let Some(cwd) = &p.cwd {
         cmd.current_dir(cwd);

@@ -201,7 +201,7 @@ async fn stdin_env_and_cwd_are_applied() {
     let e = start(
         &d,
         4,
-        json!({"script": "cat; echo \"$GREETING\"; pwd", "stdin": "from stdin\n",
+        json!({"script": "cat; echo \"$GREETING\"; pwd; echo \"$DISTRIBUTOR_EXECUTION_ID $DISTRIBUTOR_REQUEST_ID\"", "stdin": "from stdin\n",
                "env": {"GREETING": "hi there"}, "cwd": work.path()}),
     )
     .await;
@@ -211,7 +211,7 @@ async fn stdin_env_and_cwd_are_applied() {
     let cwd = work.path().canonicalize().unwrap();
     assert_eq!(
         data["stdout_tail"],
-        json!(["from stdin", "hi there", cwd.to_str().unwrap()])
+        json!(["from stdin", "hi there", cwd.to_str().unwrap(), "4 req-4"])
     );
 }
 
