@@ -149,7 +149,7 @@ async fn run_failure_is_failed(h: &Harness) -> CaseResult {
 /// finished (the engine repeats `run` after a crash).
 async fn run_is_idempotent_per_request_id(h: &Harness) -> CaseResult {
     let task = h.task(&h.shared.payloads.succeeds);
-    let d = h.d();
+    let d = h.d()?;
     let first = h.patiently("run", || d.run(&task)).await?;
     let second = h.patiently("second run", || d.run(&task)).await?;
     if second.token != first.token {
@@ -272,7 +272,7 @@ async fn status_unknown_is_missing(h: &Harness) -> CaseResult {
 async fn info_url_is_pure(h: &Harness) -> CaseResult {
     let mut executions = h.unknown_executions();
     executions.push(h.start(&h.shared.payloads.succeeds).await?);
-    let d = h.d();
+    let d = h.d()?;
     for e in &executions {
         let ask = || {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.info_url(e)))
@@ -335,7 +335,7 @@ fn garbage() -> Vec<(&'static str, Notification)> {
 async fn handle_notification_survives_garbage(h: &Harness) -> CaseResult {
     let mut executions = h.unknown_executions();
     executions.push(h.start(&h.shared.payloads.succeeds).await?);
-    let d = h.d();
+    let d = h.d()?;
     for e in &executions {
         for (label, n) in garbage() {
             let what = format!("handle_notification with {label} (token {})", e.token);
@@ -357,7 +357,7 @@ async fn handle_notification_survives_garbage(h: &Harness) -> CaseResult {
 /// adapter's own semantic checks": each invalid payload is refused with a violation at its
 /// pointer; the valid payloads are accepted.
 async fn validate_rejects_bad_payloads(h: &Harness) -> CaseResult {
-    let instance = h.instance();
+    let instance = h.instance()?;
     let p = &h.shared.payloads;
     let mut valid: Vec<(&str, &Value)> =
         vec![("succeeds", &p.succeeds), ("runs_long", &p.runs_long)];
@@ -396,7 +396,7 @@ fn shape(s: &Status) -> String {
 /// "`status_batch` reports the status of many executions of this distributor at once, one
 /// result per input in the same order."
 async fn status_batch_matches_status(h: &Harness) -> CaseResult {
-    let d = h.d();
+    let d = h.d()?;
     let empty = h.call("status_batch", d.status_batch(&[])).await?;
     if !empty.is_empty() {
         return Err(format!(
@@ -459,7 +459,7 @@ async fn push_notifications_arrive(h: &Harness) -> CaseResult {
     let task = h.task(&h.shared.payloads.succeeds);
     let e = h.run(&task).await?;
     let deadline = Instant::now() + h.timeout();
-    let d = h.d();
+    let d = h.d()?;
     let mut seen = Vec::new();
     while let Some((id, mut n)) = h.next_push(deadline).await {
         if id != e.id {
@@ -506,7 +506,7 @@ async fn recover_reports_status(h: &Harness) -> CaseResult {
     let long = h.start(&h.shared.payloads.runs_long).await?;
     h.wait_for(&long, "Pending or Running", |_| true).await?;
     h.restart().await?;
-    let d = h.d();
+    let d = h.d()?;
     let result = async {
         let s = h.patiently("recover", || d.recover(&done)).await?;
         let expected = Status::Finished(outcome);
@@ -521,7 +521,7 @@ async fn recover_reports_status(h: &Harness) -> CaseResult {
                 "recover of `runs_long` work reported {s:?}, expected Pending or Running"
             ));
         }
-        if h.caps().cancel {
+        if h.caps()?.cancel {
             h.cancel(&long).await?;
             h.wait_finished(&long).await?;
         }

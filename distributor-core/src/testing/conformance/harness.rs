@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -30,7 +30,8 @@ type Pushes = UnboundedReceiver<(ExecutionId, Notification)>;
 /// The adapter under test, as one trial sees it.
 pub(super) struct Harness {
     pub(super) shared: Arc<Shared>,
-    instance: Mutex<Instance>,
+    /// `None` only between dropping the old instance and building the new one in `restart`.
+    instance: Mutex<Option<Instance>>,
     pushes: tokio::sync::Mutex<Pushes>,
 }
 
@@ -53,7 +54,7 @@ impl Harness {
         let (instance, pushes) = Self::build_instance(&shared).await?;
         Ok(Self {
             shared,
-            instance: Mutex::new(instance),
+            instance: Mutex::new(Some(instance)),
             pushes: tokio::sync::Mutex::new(pushes),
         })
     }
@@ -79,36 +80,43 @@ impl Harness {
         .map_err(|_| format!("building the instance took over {:?}", shared.timeout))?
         .map_err(|e| format!("building the instance failed: {e}"))?;
         tokio::spawn(drive_deferred(
-            Arc::clone(built.distributor()),
+            Arc::downgrade(built.distributor()),
             deferred_rx,
             push_tx,
         ));
         Ok((built, push_rx))
     }
 
-    /// Replaces the instance by a freshly built one, as an orchestrator restart would. The old
-    /// instance is dropped; pushes from now on come from the new one.
+    /// Replaces the instance by a freshly built one, as an orchestrator restart would: the old
+    /// instance is dropped first (so one that binds a fixed address can be rebuilt), then the
+    /// new one is built; pushes from now on come from the new one.
     pub(super) async fn restart(&self) -> CaseResult {
-        let (instance, pushes) = Self::build_instance(&self.shared).await?;
-        let old = std::mem::replace(&mut *lock(&self.instance), instance);
-        *self.pushes.lock().await = pushes;
+        let old = lock(&self.instance).take();
         drop(old);
+        tokio::task::yield_now().await;
+        let (instance, pushes) = Self::build_instance(&self.shared)
+            .await
+            .map_err(|e| format!("after a restart: {e}"))?;
+        *lock(&self.instance) = Some(instance);
+        *self.pushes.lock().await = pushes;
         Ok(())
     }
 
     /// The instance.
-    pub(super) fn instance(&self) -> Instance {
-        lock(&self.instance).clone()
+    pub(super) fn instance(&self) -> Result<Instance, String> {
+        lock(&self.instance)
+            .clone()
+            .ok_or_else(|| "no instance: rebuilding it failed".to_owned())
     }
 
     /// The adapter.
-    pub(super) fn d(&self) -> Arc<dyn Distributor> {
-        Arc::clone(lock(&self.instance).distributor())
+    pub(super) fn d(&self) -> Result<Arc<dyn Distributor>, String> {
+        self.instance().map(|i| Arc::clone(i.distributor()))
     }
 
     /// Its capabilities.
-    pub(super) fn caps(&self) -> Capabilities {
-        self.d().capabilities()
+    pub(super) fn caps(&self) -> Result<Capabilities, String> {
+        self.d().map(|d| d.capabilities())
     }
 
     /// The per-case deadline for reaching a state.
@@ -197,7 +205,7 @@ impl Harness {
 
     /// `run`s `task` (retrying transient errors) and returns its execution.
     pub(super) async fn run(&self, task: &TaskDescription) -> Result<Execution, String> {
-        let d = self.d();
+        let d = self.d()?;
         let launch = self.patiently("run", || d.run(task)).await?;
         Ok(execution_of(task, launch.token, launch.handle))
     }
@@ -209,13 +217,13 @@ impl Harness {
 
     /// `status` once (retrying transient errors).
     pub(super) async fn status(&self, e: &Execution) -> Result<Status, String> {
-        let d = self.d();
+        let d = self.d()?;
         self.patiently("status", || d.status(e)).await
     }
 
     /// `cancel` (retrying transient errors): `Ok(())` or the failure.
     pub(super) async fn cancel(&self, e: &Execution) -> CaseResult {
-        let d = self.d();
+        let d = self.d()?;
         self.patiently("cancel", || d.cancel(e)).await
     }
 
@@ -228,7 +236,7 @@ impl Harness {
         done: impl Fn(&Status) -> bool,
     ) -> Result<Status, String> {
         let deadline = Instant::now() + self.timeout();
-        let d = self.d();
+        let d = self.d()?;
         loop {
             let last = match self.call("status", d.status(e)).await? {
                 Ok(s) if done(&s) => return Ok(s),
@@ -270,8 +278,9 @@ impl Harness {
 
     /// Best-effort stop of long work a case started, so that it does not outlive the suite.
     pub(super) async fn clean_up(&self, e: &Execution) {
-        if self.caps().cancel {
-            let d = self.d();
+        if let Ok(d) = self.d()
+            && d.capabilities().cancel
+        {
             let _ = self.call("cancel", d.cancel(e)).await;
         }
     }
@@ -304,17 +313,21 @@ pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Plays the engine's durable timer queue for the trial: runs each deferred work item when due
-/// and feeds the notifications it returns into the push channel.
+/// and feeds the notifications it returns into the push channel. Holds the adapter weakly, so
+/// that dropping the instance (restart) really drops it.
 async fn drive_deferred(
-    d: Arc<dyn Distributor>,
+    d: Weak<dyn Distributor>,
     mut rx: UnboundedReceiver<(DistributorName, DeferredWork)>,
     pushes: UnboundedSender<(ExecutionId, Notification)>,
 ) {
     while let Some((_, work)) = rx.recv().await {
-        let d = Arc::clone(&d);
+        let d = d.clone();
         let pushes = pushes.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Timestamp::now().until(work.due)).await;
+            let Some(d) = d.upgrade() else {
+                return;
+            };
             if let Ok(notifications) = d.handle_deferred(&work).await {
                 for n in notifications {
                     let _ = pushes.send((work.execution_id, n));

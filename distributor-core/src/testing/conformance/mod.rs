@@ -39,7 +39,8 @@
 //!
 //! Trials are named `conformance::<kind>::<case>`; every one runs on its own tokio runtime
 //! (multi-threaded, 2 workers) against an instance built for it (so pushes are attributed to the
-//! trial that caused them), in real time: states are awaited by polling `status` every
+//! trial that caused them; trials run in parallel unless [`Suite::test_threads`] says 1), in
+//! real time: states are awaited by polling `status` every
 //! [`Suite::poll_interval`] until the [`Suite::timeout`] deadline, never by fixed sleeps.
 //! Transient errors are retried until the deadline, as the engine would.
 //!
@@ -132,6 +133,7 @@ pub struct Suite {
     poll_interval: Duration,
     setup: Option<Setup>,
     count_starts: Option<CountStarts>,
+    test_threads: Option<usize>,
 }
 
 impl fmt::Debug for Suite {
@@ -171,6 +173,7 @@ impl Suite {
             poll_interval: Duration::from_millis(100),
             setup: None,
             count_starts: None,
+            test_threads: None,
         }
     }
 
@@ -220,6 +223,15 @@ impl Suite {
         Fut: Future<Output = usize> + Send + 'static,
     {
         self.count_starts = Some(Arc::new(move |r| Box::pin(f(r))));
+        self
+    }
+
+    /// How many trials [`run_main`](Self::run_main) runs at once when the command line does not
+    /// say (`--test-threads`); default: libtest's (one per CPU). Every trial builds its own
+    /// instance, so an adapter whose instances cannot coexist in one process (a fixed listen
+    /// address) sets 1.
+    pub fn test_threads(mut self, threads: usize) -> Self {
+        self.test_threads = Some(threads.max(1));
         self
     }
 
@@ -276,7 +288,10 @@ impl Suite {
     /// Parses the libtest arguments, runs the trials and returns the exit code. Prints the
     /// unreachable reason (if any) to stderr first.
     pub fn run_main(self) -> ExitCode {
-        let args = Arguments::from_args();
+        let mut args = Arguments::from_args();
+        if args.test_threads.is_none() {
+            args.test_threads = self.test_threads;
+        }
         if let Some(reason) = &self.unreachable
             && !args.list
         {
@@ -361,7 +376,7 @@ fn run_trial(shared: &Arc<Shared>, case: Case) -> Result<Completion, Failed> {
     let inner = Arc::clone(shared);
     let result = rt.block_on(async move {
         let h = Harness::build(inner).await?;
-        let caps = h.caps();
+        let caps = h.caps()?;
         if let Some(reason) = case.needs.unmet(&caps, h.shared.payloads.fails.is_some()) {
             return Ok(Completion::ignored_with(reason));
         }

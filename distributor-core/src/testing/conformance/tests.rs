@@ -44,7 +44,12 @@ enum Flaw {
     PushWithoutAuth,
     /// `validate` skips the semantic checks.
     ValidatesNothing,
+    /// Honest, but two instances cannot be alive at once (like one binding a fixed address).
+    Exclusive,
 }
+
+/// Live `Exclusive` instances.
+static EXCLUSIVE_LIVE: AtomicU64 = AtomicU64::new(0);
 
 /// A fake with one flaw.
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
@@ -72,6 +77,10 @@ impl KindConfig for FlawedConfig {
             });
             inner_ctx.notifier = Notifier::new(tx);
         }
+        if self.flaw == Flaw::Exclusive && EXCLUSIVE_LIVE.fetch_add(1, Ordering::SeqCst) > 0 {
+            EXCLUSIVE_LIVE.fetch_sub(1, Ordering::SeqCst);
+            return Err(Error::permanent("address already in use"));
+        }
         let config = FakeConfig {
             backend: self.backend,
             ..FakeConfig::default()
@@ -91,6 +100,14 @@ struct Flawed {
     fake: FakeDistributor,
     flaw: Flaw,
     calls: AtomicU64,
+}
+
+impl Drop for Flawed {
+    fn drop(&mut self) {
+        if self.is(Flaw::Exclusive) {
+            EXCLUSIVE_LIVE.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl Flawed {
@@ -261,6 +278,13 @@ fn each_flaw_fails_the_cases_that_check_it() {
         let want: BTreeSet<&str> = cases.iter().copied().collect();
         assert_eq!(failed_names(&failed), want, "{flaw:?}: {failed:#?}");
     }
+}
+
+#[test]
+fn restart_drops_the_old_instance_before_building_the_new_one() {
+    let (failed, _) = outcomes(suite(Flaw::Exclusive));
+    assert!(failed.is_empty(), "{failed:#?}");
+    assert_eq!(EXCLUSIVE_LIVE.load(Ordering::SeqCst), 0);
 }
 
 #[test]
