@@ -665,3 +665,35 @@ async fn instances_come_from_the_registry() {
     let e = execution(&t, &d.run(&t).await.unwrap());
     assert!(finished(&d, &e).await.is_success());
 }
+
+/// Several live instances in one process may share a state directory: work another live
+/// instance has claimed (and is starting) is left to it by a newly built instance, never started
+/// a second time. (Regression: this process's own pid once counted as a dead claimer.)
+#[tokio::test]
+async fn a_new_instance_never_starts_work_claimed_by_a_live_one() {
+    let state = tempfile::tempdir().unwrap();
+    let gate = state.path().join("gate");
+    let (a, _pa) = build(LocalConfig {
+        max_parallel: 1,
+        ..config(state.path())
+    })
+    .await;
+    let blocker = start(&a, 30, gated(&gate, 0)).await;
+    let queued = start(&a, 31, json!({"argv": ["true"]})).await;
+    assert_eq!(a.status(&queued).await.unwrap(), Status::Pending);
+    // Another live instance of this process claims it, as it does right before spawning.
+    let dir = state.path().join(queued.token.as_str());
+    std::fs::write(dir.join("claim"), format!("start {}\n", std::process::id())).unwrap();
+    // A new instance's rescan sees it claimed by a live process and leaves it alone.
+    let (b, _pb) = build(LocalConfig {
+        max_parallel: 4,
+        ..config(state.path())
+    })
+    .await;
+    assert_eq!(b.status(&queued).await.unwrap(), Status::Pending);
+    assert!(!dir.join("pid").exists(), "started by the new instance");
+    std::fs::write(&gate, "").unwrap();
+    assert!(finished(&a, &blocker).await.is_success());
+    assert_eq!(b.recover(&queued).await.unwrap(), Status::Pending);
+    assert!(!dir.join("pid").exists(), "started despite the live claim");
+}
