@@ -15,7 +15,7 @@
 //!
 //! Without a file (or without a `[distributors]` table) the orchestrator configures one
 //! distributor, `local`, keeping its state under `.distributor/local`; the store defaults to
-//! `.distributor/engine.db`. Every problem in a file is reported at once, each with the JSON
+//! `.distributor/engine.db`. Engine settings start from [`default_settings`]. Every problem in a file is reported at once, each with the JSON
 //! Pointer of the value at fault.
 
 use std::path::{Path, PathBuf};
@@ -207,8 +207,18 @@ impl OrchestratorConfig {
 
 type Section<'a> = Result<&'a Map<String, Value>, &'a Value>;
 
+/// The engine settings the orchestrator starts from: the engine's defaults, except a 2 s hedge
+/// poll for push adapters (the engine's 30 s suits remote backends; the local adapter's status is
+/// a few file reads, and a short hedge bounds how late a lost push is noticed).
+pub fn default_settings() -> Settings {
+    Settings {
+        hedge_poll_interval: std::time::Duration::from_secs(2),
+        ..Settings::default()
+    }
+}
+
 fn parse_settings(section: Section<'_>, problem: &mut impl FnMut(String, String)) -> Settings {
-    let defaults = Settings::default();
+    let defaults = default_settings();
     let section = match section {
         Ok(s) => s,
         Err(_) => {
@@ -299,7 +309,7 @@ mod tests {
             [distributor_core::DistributorName::from("local")]
         );
         assert_eq!(c.store, StoreLocation::Sqlite(DEFAULT_STORE.into()));
-        assert_eq!(c.settings, Settings::default());
+        assert_eq!(c.settings, default_settings());
     }
 
     #[test]

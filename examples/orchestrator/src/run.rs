@@ -126,7 +126,13 @@ impl RunReport {
 fn detail(outcome: Option<&Outcome>) -> String {
     let text = match outcome {
         None => String::new(),
-        Some(Outcome::Abnormal { reason, .. }) => reason.lines().next().unwrap_or("").to_owned(),
+        Some(Outcome::Abnormal { reason, kind }) => {
+            let first = reason.lines().next().unwrap_or("");
+            first
+                .strip_prefix(&format!("{kind}: "))
+                .unwrap_or(first)
+                .to_owned()
+        }
         Some(Outcome::Succeeded { data }) => match data {
             Value::Null => String::new(),
             Value::String(s) => s.clone(),
@@ -255,7 +261,8 @@ impl Display {
                     b.finish_with_message(msg);
                 }
             }
-            _ => self.update(i, msg),
+            Self::Plain { .. } => self.update(i, format!("=> {msg}")),
+            Self::Quiet => {}
         }
     }
 
@@ -271,10 +278,10 @@ impl Display {
 fn describe(state: State, outcome: &Outcome) -> String {
     match outcome {
         Outcome::Abnormal { reason, .. } => {
-            format!(
-                "{state}: {}",
-                truncate(reason.lines().next().unwrap_or(""), 70)
-            )
+            let first = reason.lines().next().unwrap_or("");
+            // The engine's reasons often start with the state's own word ("cancelled: …").
+            let first = first.strip_prefix(&format!("{state}: ")).unwrap_or(first);
+            format!("{state}: {}", truncate(first, 70))
         }
         Outcome::Succeeded { .. } => {
             let d = detail(Some(outcome));

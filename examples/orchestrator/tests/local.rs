@@ -1,0 +1,101 @@
+//! The HTTP API in-process over the orchestrator's own config loading and the real `local`
+//! adapter: submit → a local process → terminal, with its output, info URL and status page.
+
+use std::time::{Duration, Instant};
+
+use orchestrator::OrchestratorConfig;
+use serde_json::{Value, json};
+
+async fn start(dir: &std::path::Path) -> String {
+    let registry = orchestrator::registry().unwrap();
+    let doc: Value = toml::from_str(&format!(
+        "[distributors.local]\nkind = \"local\"\nstate_dir = \"{}\"\n\
+         [store]\npath = \":memory:\"\n[engine]\npoll_interval = \"200ms\"\n",
+        dir.join("local").display()
+    ))
+    .unwrap();
+    let config = OrchestratorConfig::from_value(&registry, "test", &doc).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let engine = config
+        .engine(registry, Some(format!("http://{addr}/v1/notify")))
+        .await
+        .unwrap();
+    tokio::spawn(async move { axum::serve(listener, orchestrator::router(engine)).await });
+    format!("http://{addr}")
+}
+
+async fn until_terminal(base: &str, id: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: Value = reqwest::get(format!("{base}/v1/executions/{id}"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let st = v["state"].as_str().unwrap_or("");
+        if !["queued", "dispatching", "pending", "running", "cancelling"].contains(&st) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "still {st}: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn http_submit_runs_a_local_process_to_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = start(dir.path()).await;
+    let http = reqwest::Client::new();
+    let submit = |body: Value| {
+        let http = http.clone();
+        let url = format!("{base}/v1/executions");
+        async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (st, v) = submit(json!({"distributor": "local",
+        "payload": {"argv": ["sh", "-c", "echo hello from $GREETER"], "env": {"GREETER": "http"}},
+        "labels": {"suite": "local"}}))
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let ok = until_terminal(&base, v["id"].as_u64().unwrap()).await;
+    assert_eq!(ok["state"], "succeeded", "{ok}");
+    assert_eq!(ok["outcome"]["data"]["exit_code"], 0, "{ok}");
+    assert!(
+        ok.to_string().contains("hello from http"),
+        "the output is in the result: {ok}"
+    );
+    let info = ok["info_url"].as_str().unwrap();
+    assert!(info.starts_with("file://"), "{ok}");
+
+    let (_, v) = submit(json!({"distributor": "local", "payload": {"script": "exit 4"}})).await;
+    let failed = until_terminal(&base, v["id"].as_u64().unwrap()).await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert!(
+        failed["outcome"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("code 4"),
+        "{failed}"
+    );
+
+    // The local kind's own payload rules come back as 422 with pointers under /payload.
+    let (st, v) =
+        submit(json!({"distributor": "local", "payload": {"argv": ["true"], "script": "x"}})).await;
+    assert_eq!(st, 422, "{v}");
+    assert_eq!(v["error"]["field"], "/payload/script", "{v}");
+
+    let page = reqwest::get(format!("{base}/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("exited with code 4"),
+        "failure reasons on the page: {page}"
+    );
+}
