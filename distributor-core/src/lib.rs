@@ -15,7 +15,9 @@ pub mod testing;
 
 pub use config::{ConfigHash, DistributorsConfig, InstanceConfig};
 pub use distributor::Distributor;
-pub use engine::{Engine, EngineBuilder, Event, ExecutionRecord, RetryPolicy, Settings, State, Task};
+pub use engine::{
+    Engine, EngineBuilder, Event, ExecutionRecord, RetryPolicy, Settings, State, Task,
+};
 pub use error::{
     BoxError, ConfigError, ConfigProblem, Error, NotificationRejection, Result, ValidationError,
     Violation, nearest,

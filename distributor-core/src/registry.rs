@@ -228,12 +228,15 @@ impl Kind {
     ) -> Result<Instance> {
         let name = ctx.name.clone();
         let distributor = (self.registration.factory)(config.clone(), ctx).await?;
-        Ok(Instance {
+        let inner = InstanceInner {
             name,
             kind: self.clone(),
-            config,
+            config: Arc::new(config),
             hash,
             distributor,
+        };
+        Ok(Instance {
+            inner: Arc::new(inner),
         })
     }
 }
@@ -241,9 +244,14 @@ impl Kind {
 /// A built distributor instance with its kind, config snapshot and payload validator.
 #[derive(Debug, Clone)]
 pub struct Instance {
+    inner: Arc<InstanceInner>,
+}
+
+#[derive(Debug)]
+struct InstanceInner {
     name: DistributorName,
     kind: Kind,
-    config: Value,
+    config: Arc<Value>,
     hash: ConfigHash,
     distributor: Arc<dyn Distributor>,
 }
@@ -251,29 +259,33 @@ pub struct Instance {
 impl Instance {
     /// The instance name.
     pub fn name(&self) -> &DistributorName {
-        &self.name
+        &self.inner.name
     }
     /// Its kind.
     pub fn kind(&self) -> &Kind {
-        &self.kind
+        &self.inner.kind
     }
     /// The config it was built from.
     pub fn config(&self) -> &Value {
-        &self.config
+        &self.inner.config
+    }
+    /// The config, shared (execution records keep it as their snapshot).
+    pub fn shared_config(&self) -> Arc<Value> {
+        self.inner.config.clone()
     }
     /// The config's content hash.
     pub fn config_hash(&self) -> &ConfigHash {
-        &self.hash
+        &self.inner.hash
     }
     /// The adapter.
     pub fn distributor(&self) -> &Arc<dyn Distributor> {
-        &self.distributor
+        &self.inner.distributor
     }
     /// Validates a payload: the kind's schema first (every violation, with pointers), then the
     /// adapter's own semantic checks.
     pub fn validate(&self, payload: &Value) -> Result<(), ValidationError> {
-        self.kind.validate_payload(payload)?;
-        self.distributor.validate(payload)
+        self.inner.kind.validate_payload(payload)?;
+        self.inner.distributor.validate(payload)
     }
 }
 

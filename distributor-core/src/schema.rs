@@ -244,8 +244,7 @@ fn best_branch<'a>(
             let at_self = e.instance_path().as_str() == pointer;
             // A discriminator (serde's tag) is a `const`; a field that is merely an enum is not.
             let tag_miss = matches!(e.kind(), ValidationErrorKind::Constant { .. })
-                && e.instance_path().as_str().rsplit_once('/').map(|(p, _)| p)
-                == Some(pointer);
+                && e.instance_path().as_str().rsplit_once('/').map(|(p, _)| p) == Some(pointer);
             (at_self
                 && matches!(
                     e.kind(),

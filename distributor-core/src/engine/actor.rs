@@ -99,6 +99,7 @@ pub(crate) struct Actor {
     extra_writes: Vec<Write>,
     effects: Vec<Effect>,
     dispatch_started: HashMap<ExecutionId, tokio::time::Instant>,
+    finished: Vec<ExecutionId>,
 }
 
 pub(crate) async fn route_deferred(
@@ -151,9 +152,13 @@ impl Actor {
             extra_writes: Vec::new(),
             effects: Vec::new(),
             dispatch_started: HashMap::new(),
+            finished: Vec::new(),
         };
         for inst in init.catalog.values() {
-            a.snapshots.insert((inst.name().clone(), inst.config_hash().clone()), inst.clone());
+            a.snapshots.insert(
+                (inst.name().clone(), inst.config_hash().clone()),
+                inst.clone(),
+            );
         }
         a.next_id = a.store.max_id().await? + 1;
         for (id, name, work) in a.store.deferred().await? {
@@ -182,7 +187,11 @@ impl Actor {
             a.live.insert(id, rec);
             match state {
                 State::Dispatching => {
-                    a.note(id, Who::Recovery, "re-dispatching after restart with the same request id");
+                    a.note(
+                        id,
+                        Who::Recovery,
+                        "re-dispatching after restart with the same request id",
+                    );
                     a.spawn_run(id);
                 }
                 State::Pending | State::Running => {
@@ -212,11 +221,18 @@ impl Actor {
             deferred: DeferredQueue::new(rec.distributor.clone(), self.deferred_tx.clone()),
             notifier: self.notifier.clone(),
         };
-        kind.build(rec.config.clone(), ctx, rec.config_hash.clone()).await
+        kind.build((*rec.config).clone(), ctx, rec.config_hash.clone())
+            .await
     }
 
-    pub(crate) async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>, mut alive: watch::Receiver<()>) {
-        let Some(mut done_rx) = self.done_rx.take() else { return };
+    pub(crate) async fn run(
+        mut self,
+        mut cmds: mpsc::UnboundedReceiver<Cmd>,
+        mut alive: watch::Receiver<()>,
+    ) {
+        let Some(mut done_rx) = self.done_rx.take() else {
+            return;
+        };
         self.flush().await;
         loop {
             let wake = self.timers.first().map(|(t, _)| self.clock.instant_of(*t));
@@ -275,7 +291,14 @@ impl Actor {
     fn mark(&mut self, id: ExecutionId) -> Option<&mut ExecutionRecord> {
         let rec = self.live.get_mut(&id)?;
         if !self.dirty.contains_key(&id) {
-            self.dirty.insert(id, Dirty { inserted: false, base_version: rec.version, history: Vec::new() });
+            self.dirty.insert(
+                id,
+                Dirty {
+                    inserted: false,
+                    base_version: rec.version,
+                    history: Vec::new(),
+                },
+            );
             self.dirty_order.push(id);
         }
         rec.version += 1;
@@ -284,16 +307,34 @@ impl Actor {
     }
 
     /// Moves `id` to `to` if the transition table allows it, with a history row.
-    fn transition(&mut self, id: ExecutionId, to: State, who: Who, reason: impl Into<String>) -> bool {
-        let Some(from) = self.live.get(&id).map(|r| r.state) else { return false };
+    fn transition(
+        &mut self,
+        id: ExecutionId,
+        to: State,
+        who: Who,
+        reason: impl Into<String>,
+    ) -> bool {
+        let Some(from) = self.live.get(&id).map(|r| r.state) else {
+            return false;
+        };
         if !from.can_move_to(to) {
             tracing::debug!(execution = %id, %from, %to, "transition refused by the table");
             return false;
         }
         let now = self.now();
-        let Some(rec) = self.mark(id) else { return false };
+        let Some(rec) = self.mark(id) else {
+            return false;
+        };
         rec.state = to;
-        let entry = HistoryEntry { execution_id: id, version: rec.version, from: Some(from), to, at: now, actor: who, reason: reason.into() };
+        let entry = HistoryEntry {
+            execution_id: id,
+            version: rec.version,
+            from: Some(from),
+            to,
+            at: now,
+            actor: who,
+            reason: reason.into(),
+        };
         if let Some(d) = self.dirty.get_mut(&id) {
             d.history.push(entry);
         }
@@ -310,7 +351,15 @@ impl Actor {
     fn note(&mut self, id: ExecutionId, who: Who, reason: impl Into<String>) {
         let now = self.now();
         let Some(rec) = self.mark(id) else { return };
-        let entry = HistoryEntry { execution_id: id, version: rec.version, from: Some(rec.state), to: rec.state, at: now, actor: who, reason: reason.into() };
+        let entry = HistoryEntry {
+            execution_id: id,
+            version: rec.version,
+            from: Some(rec.state),
+            to: rec.state,
+            at: now,
+            actor: who,
+            reason: reason.into(),
+        };
         if let Some(d) = self.dirty.get_mut(&id) {
             d.history.push(entry);
         }
@@ -318,12 +367,18 @@ impl Actor {
 
     fn instance(&self, id: ExecutionId) -> Option<Instance> {
         let rec = self.live.get(&id)?;
-        self.snapshots.get(&(rec.distributor.clone(), rec.config_hash.clone())).cloned()
+        self.snapshots
+            .get(&(rec.distributor.clone(), rec.config_hash.clone()))
+            .cloned()
     }
 
     fn poll_interval(&self, id: ExecutionId) -> Duration {
-        let Some(rec) = self.live.get(&id) else { return self.settings.poll_interval };
-        let push = self.instance(id).is_some_and(|i| i.distributor().capabilities().push_notifications);
+        let Some(rec) = self.live.get(&id) else {
+            return self.settings.poll_interval;
+        };
+        let push = self
+            .instance(id)
+            .is_some_and(|i| i.distributor().capabilities().push_notifications);
         match rec.state {
             State::Cancelling => self.settings.cancel_poll_interval,
             _ if push => self.settings.hedge_poll_interval,
@@ -335,7 +390,11 @@ impl Actor {
         let d = &rec.deadlines;
         let cands: [Option<Timestamp>; 3] = match rec.state {
             State::Queued => [Some(rec.retry_at.unwrap_or(rec.created_at)), None, None],
-            State::Dispatching => [rec.retry_at.filter(|_| !self.busy_of(rec.id).run), d.start_by, None],
+            State::Dispatching => [
+                rec.retry_at.filter(|_| !self.busy_of(rec.id).run),
+                d.start_by,
+                None,
+            ],
             State::Pending => [rec.next_poll, d.start_by, None],
             State::Running => [rec.next_poll, d.finish_by, None],
             State::Cancelling => [rec.next_poll, rec.cancel_by, rec.retry_at],
@@ -412,7 +471,10 @@ impl Actor {
             },
             Cmd::Reload(catalog, reply) => {
                 for inst in catalog.values() {
-                    self.snapshots.insert((inst.name().clone(), inst.config_hash().clone()), inst.clone());
+                    self.snapshots.insert(
+                        (inst.name().clone(), inst.config_hash().clone()),
+                        inst.clone(),
+                    );
                 }
                 let names = catalog.keys().cloned().collect();
                 self.emit(Event::ConfigReloaded { names });
@@ -421,7 +483,11 @@ impl Actor {
             Cmd::Defer(name, work) => {
                 let id = self.next_deferred;
                 self.next_deferred += 1;
-                self.extra_writes.push(Write::PutDeferred { id, distributor: name.clone(), work: work.clone() });
+                self.extra_writes.push(Write::PutDeferred {
+                    id,
+                    distributor: name.clone(),
+                    work: work.clone(),
+                });
                 self.arm(TimerKey::Deferred(id), Some(work.due));
                 self.deferred.insert(id, (name, work));
             }
@@ -461,7 +527,9 @@ impl Actor {
         let now = self.now();
         let name = instance.name().clone();
         let hash = instance.config_hash().clone();
-        self.snapshots.entry((name.clone(), hash.clone())).or_insert_with(|| instance.clone());
+        self.snapshots
+            .entry((name.clone(), hash.clone()))
+            .or_insert_with(|| instance.clone());
         let rec = ExecutionRecord {
             id,
             task_id: TaskId(id.0),
@@ -470,7 +538,7 @@ impl Actor {
             task,
             distributor: name.clone(),
             kind: instance.kind().name(),
-            config: instance.config().clone(),
+            config: instance.shared_config(),
             config_hash: hash,
             state: State::Queued,
             version: 1,
@@ -501,10 +569,30 @@ impl Actor {
 
     fn insert(&mut self, rec: ExecutionRecord, who: Who, reason: &str) {
         let id = rec.id;
-        let entry = HistoryEntry { execution_id: id, version: rec.version, from: None, to: rec.state, at: rec.created_at, actor: who, reason: reason.into() };
-        self.emit(Event::Created { id, task_id: rec.task_id, attempt: rec.attempt.0, distributor: rec.distributor.clone() });
+        let entry = HistoryEntry {
+            execution_id: id,
+            version: rec.version,
+            from: None,
+            to: rec.state,
+            at: rec.created_at,
+            actor: who,
+            reason: reason.into(),
+        };
+        self.emit(Event::Created {
+            id,
+            task_id: rec.task_id,
+            attempt: rec.attempt.0,
+            distributor: rec.distributor.clone(),
+        });
         metrics::gauge!("distributor_executions", "state" => rec.state.as_str()).increment(1.0);
-        self.dirty.insert(id, Dirty { inserted: true, base_version: 0, history: vec![entry] });
+        self.dirty.insert(
+            id,
+            Dirty {
+                inserted: true,
+                base_version: 0,
+                history: vec![entry],
+            },
+        );
         self.dirty_order.push(id);
         self.live.insert(id, rec);
     }
@@ -515,7 +603,12 @@ impl Actor {
             Some(r) => (r.request_id.clone(), r.task.timeouts.start),
             None => return,
         };
-        if !self.transition(id, State::Dispatching, Who::Engine, format!("dispatching with request id {request_id}")) {
+        if !self.transition(
+            id,
+            State::Dispatching,
+            Who::Engine,
+            format!("dispatching with request id {request_id}"),
+        ) {
             return;
         }
         if let Some(rec) = self.live.get_mut(&id) {
@@ -524,7 +617,8 @@ impl Actor {
                 rec.deadlines.start_by = start.map(|d| now.plus(d));
             }
         }
-        self.dispatch_started.insert(id, tokio::time::Instant::now());
+        self.dispatch_started
+            .insert(id, tokio::time::Instant::now());
         self.spawn_run(id);
         self.rearm(id);
     }
@@ -544,13 +638,17 @@ impl Actor {
             let _ = reply.send(Err(Error::NotificationRejected(r)));
         };
         let Some(rec) = self.live.get(&id) else {
-            return self.answer_for_unknown(id, reply, |_| Err(Error::NotificationRejected(NotificationRejection::Terminal)));
+            return self.answer_for_unknown(id, reply, |_| {
+                Err(Error::NotificationRejected(NotificationRejection::Terminal))
+            });
         };
         if rec.state.is_terminal() {
             return reject(reply, NotificationRejection::Terminal);
         }
         if n.sequence.is_some_and(|s| s <= rec.last_sequence)
-            || n.message_id.as_ref().is_some_and(|m| rec.seen_messages.contains(m))
+            || n.message_id
+                .as_ref()
+                .is_some_and(|m| rec.seen_messages.contains(m))
         {
             return reject(reply, NotificationRejection::Stale);
         }
@@ -584,7 +682,9 @@ impl Actor {
             Done::Notification(id, r) => match r {
                 Ok(Some(st)) => self.apply_status(id, st, Who::Notification),
                 Ok(None) => {}
-                Err(e) => tracing::warn!(execution = %id, error = %e, "adapter could not handle a notification"),
+                Err(e) => {
+                    tracing::warn!(execution = %id, error = %e, "adapter could not handle a notification")
+                }
             },
             Done::Deferred(did, exec, r) => match r {
                 Ok(ns) => {
@@ -613,7 +713,9 @@ impl Actor {
         if let Some(b) = self.busy.get_mut(&id) {
             b.run = false;
         }
-        let Some(state) = self.live.get(&id).map(|r| r.state) else { return };
+        let Some(state) = self.live.get(&id).map(|r| r.state) else {
+            return;
+        };
         if state.is_terminal() {
             return;
         }
@@ -630,12 +732,21 @@ impl Actor {
                     rec.retry_at = None;
                 }
                 if let Some(t0) = self.dispatch_started.remove(&id) {
-                    metrics::histogram!("distributor_dispatch_seconds").record(t0.elapsed().as_secs_f64());
+                    metrics::histogram!("distributor_dispatch_seconds")
+                        .record(t0.elapsed().as_secs_f64());
                 }
-                self.emit(Event::Dispatched { id, token: token.clone() });
+                self.emit(Event::Dispatched {
+                    id,
+                    token: token.clone(),
+                });
                 match state {
                     State::Dispatching => {
-                        self.transition(id, State::Pending, Who::Adapter, format!("launched as {token}"));
+                        self.transition(
+                            id,
+                            State::Pending,
+                            Who::Adapter,
+                            format!("launched as {token}"),
+                        );
                         let iv = self.poll_interval(id);
                         if let Some(rec) = self.live.get_mut(&id) {
                             rec.next_poll = Some(now.plus(iv));
@@ -647,30 +758,56 @@ impl Actor {
             }
             Err(e) if state == State::Cancelling => {
                 let cause = self.live.get(&id).and_then(|r| r.cancel.clone());
-                let kind = cause.as_ref().map_or(AbnormalKind::Cancelled, CancelCause::kind);
+                let kind = cause
+                    .as_ref()
+                    .map_or(AbnormalKind::Cancelled, CancelCause::kind);
                 let why = cause.map(|c| c.describe()).unwrap_or_default();
-                self.finish(id, Outcome::abnormal(kind, format!("{why} before the work was launched (run: {e})")), Who::Adapter);
+                self.finish(
+                    id,
+                    Outcome::abnormal(
+                        kind,
+                        format!("{why} before the work was launched (run: {e})"),
+                    ),
+                    Who::Adapter,
+                );
             }
             Err(e) if e.is_transient() => {
                 let n = self.live.get(&id).map_or(0, |r| r.transient_errors) + 1;
                 if n > self.settings.max_transient_run_errors {
-                    self.finish(id, Outcome::abnormal(AbnormalKind::Rejected, format!("gave up after {} transient run errors; last: {e}", n - 1)), Who::Adapter);
+                    self.finish(
+                        id,
+                        Outcome::abnormal(
+                            AbnormalKind::Rejected,
+                            format!("gave up after {} transient run errors; last: {e}", n - 1),
+                        ),
+                        Who::Adapter,
+                    );
                 } else {
                     let delay = backoff(&self.settings, n - 1);
                     if let Some(rec) = self.mark(id) {
                         rec.transient_errors = n;
                         rec.retry_at = Some(now.plus(delay));
                     }
-                    self.note(id, Who::Adapter, format!("run failed transiently ({n}): {e}; retrying in {delay:.1?}"));
+                    self.note(
+                        id,
+                        Who::Adapter,
+                        format!("run failed transiently ({n}): {e}; retrying in {delay:.1?}"),
+                    );
                 }
             }
-            Err(e) => self.finish(id, Outcome::abnormal(AbnormalKind::Rejected, e.to_string()), Who::Adapter),
+            Err(e) => self.finish(
+                id,
+                Outcome::abnormal(AbnormalKind::Rejected, e.to_string()),
+                Who::Adapter,
+            ),
         }
         self.rearm(id);
     }
 
     fn on_status(&mut self, id: ExecutionId, r: Result<Status>, who: Who) {
-        let Some(state) = self.live.get(&id).map(|r| r.state) else { return };
+        let Some(state) = self.live.get(&id).map(|r| r.state) else {
+            return;
+        };
         if state.is_terminal() {
             return;
         }
@@ -682,14 +819,17 @@ impl Actor {
                 let settings = self.settings.clone();
                 if let Some(rec) = self.mark(id) {
                     rec.transient_errors += 1;
-                    rec.next_poll = Some(now.plus(backoff(&settings, rec.transient_errors).min(iv)));
+                    rec.next_poll =
+                        Some(now.plus(backoff(&settings, rec.transient_errors).min(iv)));
                 }
                 tracing::debug!(execution = %id, error = %e, "status failed transiently");
                 self.rearm(id);
             }
             Err(e) => {
                 let outcome = match self.live.get(&id).and_then(|r| r.cancel.clone()) {
-                    Some(c) => Outcome::abnormal(c.kind(), format!("{}; status failed: {e}", c.describe())),
+                    Some(c) => {
+                        Outcome::abnormal(c.kind(), format!("{}; status failed: {e}", c.describe()))
+                    }
                     None => Outcome::abnormal(AbnormalKind::Crashed, format!("status failed: {e}")),
                 };
                 self.finish(id, outcome, who);
@@ -698,7 +838,9 @@ impl Actor {
     }
 
     fn apply_status(&mut self, id: ExecutionId, st: Status, who: Who) {
-        let Some(rec) = self.live.get(&id) else { return };
+        let Some(rec) = self.live.get(&id) else {
+            return;
+        };
         let state = rec.state;
         if state.is_terminal() {
             return;
@@ -742,7 +884,11 @@ impl Actor {
         if let Some(b) = self.busy.get_mut(&id) {
             b.cancel = false;
         }
-        if self.live.get(&id).is_none_or(|r| r.state != State::Cancelling) {
+        if self
+            .live
+            .get(&id)
+            .is_none_or(|r| r.state != State::Cancelling)
+        {
             return;
         }
         let now = self.now();
@@ -765,7 +911,11 @@ impl Actor {
                 if let Some(rec) = self.mark(id) {
                     rec.retry_at = None;
                 }
-                self.note(id, Who::Adapter, format!("cancel refused: {e}; waiting for the stop deadline"));
+                self.note(
+                    id,
+                    Who::Adapter,
+                    format!("cancel refused: {e}; waiting for the stop deadline"),
+                );
             }
         }
         self.rearm(id);
@@ -774,20 +924,43 @@ impl Actor {
     // ----- decisions --------------------------------------------------------------------
 
     fn begin_cancel(&mut self, id: ExecutionId, cause: CancelCause) {
-        let Some(rec) = self.live.get(&id) else { return };
+        let Some(rec) = self.live.get(&id) else {
+            return;
+        };
         let state = rec.state;
-        let stop = rec.task.timeouts.stop.unwrap_or(self.settings.default_stop_timeout);
+        let stop = rec
+            .task
+            .timeouts
+            .stop
+            .unwrap_or(self.settings.default_stop_timeout);
         let has_token = rec.token.is_some();
         let run_in_flight = self.busy_of(id).run;
-        self.emit(Event::CancelRequested { id, cause: cause.clone() });
+        self.emit(Event::CancelRequested {
+            id,
+            cause: cause.clone(),
+        });
         metrics::counter!("distributor_cancel_requested_total").increment(1);
         match state {
             State::Queued => {
-                self.finish(id, Outcome::abnormal(cause.kind(), format!("{} before dispatch", cause.describe())), Who::Engine);
+                self.finish(
+                    id,
+                    Outcome::abnormal(
+                        cause.kind(),
+                        format!("{} before dispatch", cause.describe()),
+                    ),
+                    Who::Engine,
+                );
                 return;
             }
             State::Dispatching if !run_in_flight && !has_token => {
-                self.finish(id, Outcome::abnormal(cause.kind(), format!("{} before the work was launched", cause.describe())), Who::Engine);
+                self.finish(
+                    id,
+                    Outcome::abnormal(
+                        cause.kind(),
+                        format!("{} before the work was launched", cause.describe()),
+                    ),
+                    Who::Engine,
+                );
                 return;
             }
             _ => {}
@@ -813,14 +986,27 @@ impl Actor {
 
     /// Calls the adapter's cancel, or records the end at once for adapters that cannot cancel.
     fn send_cancel_or_finish(&mut self, id: ExecutionId) {
-        let can_cancel = self.instance(id).is_some_and(|i| i.distributor().capabilities().cancel);
+        let can_cancel = self
+            .instance(id)
+            .is_some_and(|i| i.distributor().capabilities().cancel);
         if can_cancel {
             self.spawn_cancel(id);
         } else {
             let cause = self.live.get(&id).and_then(|r| r.cancel.clone());
-            let kind = cause.as_ref().map_or(AbnormalKind::Cancelled, CancelCause::kind);
+            let kind = cause
+                .as_ref()
+                .map_or(AbnormalKind::Cancelled, CancelCause::kind);
             let why = cause.map(|c| c.describe()).unwrap_or_default();
-            self.finish(id, Outcome::abnormal(kind, format!("{why}; this distributor cannot cancel, so the work may still be running")), Who::Engine);
+            self.finish(
+                id,
+                Outcome::abnormal(
+                    kind,
+                    format!(
+                        "{why}; this distributor cannot cancel, so the work may still be running"
+                    ),
+                ),
+                Who::Engine,
+            );
         }
     }
 
@@ -834,18 +1020,32 @@ impl Actor {
             return;
         }
         metrics::counter!("distributor_finished_total", "state" => to.as_str()).increment(1);
-        let Some(rec) = self.live.get_mut(&id) else { return };
+        self.finished.push(id);
+        let Some(rec) = self.live.get_mut(&id) else {
+            return;
+        };
         rec.outcome = Some(outcome.clone());
         rec.next_poll = None;
         rec.retry_at = None;
         let (task, attempt, mut kinds) = (rec.task.clone(), rec.attempt, rec.earlier_kinds.clone());
-        let (task_id, distributor, kind, config, hash) =
-            (rec.task_id, rec.distributor.clone(), rec.kind.clone(), rec.config.clone(), rec.config_hash.clone());
-        self.emit(Event::Finished { id, state: to, outcome: outcome.clone() });
+        let (task_id, distributor, kind, config, hash) = (
+            rec.task_id,
+            rec.distributor.clone(),
+            rec.kind.clone(),
+            rec.config.clone(),
+            rec.config_hash.clone(),
+        );
+        self.emit(Event::Finished {
+            id,
+            state: to,
+            outcome: outcome.clone(),
+        });
         self.effects.push(Effect::Waiters(id));
         self.arm(TimerKey::Exec(id), None);
         // A new attempt, if the task's budget allows.
-        let Some(k) = outcome.abnormal_kind() else { return };
+        let Some(k) = outcome.abnormal_kind() else {
+            return;
+        };
         kinds.push(k);
         if !task.retry.allows(k, attempt, &kinds) {
             return;
@@ -922,7 +1122,9 @@ impl Actor {
     }
 
     fn on_wake(&mut self, id: ExecutionId, now: Timestamp) {
-        let Some(rec) = self.live.get(&id) else { return };
+        let Some(rec) = self.live.get(&id) else {
+            return;
+        };
         let passed = |t: Option<Timestamp>| t.is_some_and(|t| t <= now);
         let busy = self.busy_of(id);
         match rec.state {
@@ -966,8 +1168,14 @@ impl Actor {
                         self.start_poll(id, Who::Timer);
                     } else {
                         let cause = rec.cancel.clone();
-                        let stop = rec.task.timeouts.stop.unwrap_or(self.settings.default_stop_timeout);
-                        let kind = cause.as_ref().map_or(AbnormalKind::Cancelled, CancelCause::kind);
+                        let stop = rec
+                            .task
+                            .timeouts
+                            .stop
+                            .unwrap_or(self.settings.default_stop_timeout);
+                        let kind = cause
+                            .as_ref()
+                            .map_or(AbnormalKind::Cancelled, CancelCause::kind);
                         let why = cause.map(|c| c.describe()).unwrap_or_default();
                         let polls = rec.stop_polls;
                         self.finish(
@@ -978,7 +1186,11 @@ impl Actor {
                         return;
                     }
                 } else {
-                    if passed(rec.retry_at) && !rec.cancel_sent && !busy.cancel && rec.token.is_some() {
+                    if passed(rec.retry_at)
+                        && !rec.cancel_sent
+                        && !busy.cancel
+                        && rec.token.is_some()
+                    {
                         if let Some(rec) = self.mark(id) {
                             rec.retry_at = None;
                         }
@@ -1032,11 +1244,20 @@ impl Actor {
         }
         let mut writes = Vec::with_capacity(self.dirty_order.len() + self.extra_writes.len());
         for id in self.dirty_order.drain(..) {
-            let (Some(d), Some(rec)) = (self.dirty.remove(&id), self.live.get(&id)) else { continue };
+            let (Some(d), Some(rec)) = (self.dirty.remove(&id), self.live.get(&id)) else {
+                continue;
+            };
             writes.push(if d.inserted {
-                Write::Insert { record: rec.clone(), history: d.history }
+                Write::Insert {
+                    record: rec.clone(),
+                    history: d.history,
+                }
             } else {
-                Write::Update { record: rec.clone(), expected_version: d.base_version, history: d.history }
+                Write::Update {
+                    record: rec.clone(),
+                    expected_version: d.base_version,
+                    history: d.history,
+                }
             });
         }
         writes.append(&mut self.extra_writes);
@@ -1070,12 +1291,13 @@ impl Actor {
             }
         }
         // Terminal records leave memory once committed.
-        let done: Vec<ExecutionId> = self.live.iter().filter(|(_, r)| r.state.is_terminal()).map(|(id, _)| *id).collect();
-        for id in done {
-            self.live.remove(&id);
-            self.busy.remove(&id);
-            self.dispatch_started.remove(&id);
-            self.arm(TimerKey::Exec(id), None);
+        for id in std::mem::take(&mut self.finished) {
+            if self.live.get(&id).is_some_and(|r| r.state.is_terminal()) {
+                self.live.remove(&id);
+                self.busy.remove(&id);
+                self.dispatch_started.remove(&id);
+                self.arm(TimerKey::Exec(id), None);
+            }
         }
     }
 
@@ -1099,7 +1321,8 @@ impl Actor {
     }
 
     fn act(&mut self, effects: Vec<Effect>) {
-        let mut polls: HashMap<(DistributorName, ConfigHash), Vec<(Execution, Who)>> = HashMap::new();
+        let mut polls: HashMap<(DistributorName, ConfigHash), Vec<(Execution, Who)>> =
+            HashMap::new();
         for eff in effects {
             match eff {
                 Effect::Event(e) => {
@@ -1116,7 +1339,10 @@ impl Actor {
                 Effect::Run(id) => self.call_run(id),
                 Effect::Poll(id, who) => {
                     if let Some(rec) = self.live.get(&id) {
-                        polls.entry((rec.distributor.clone(), rec.config_hash.clone())).or_default().push((rec.execution(), who));
+                        polls
+                            .entry((rec.distributor.clone(), rec.config_hash.clone()))
+                            .or_default()
+                            .push((rec.execution(), who));
                     }
                 }
                 Effect::Recover(id) => self.call(id, |d, e, done, id| async move {
@@ -1132,8 +1358,14 @@ impl Actor {
                     let _ = done.send(Done::Notification(id, r));
                 }),
                 Effect::Deferred(did) => {
-                    let Some((name, work)) = self.deferred.get(&did).cloned() else { continue };
-                    let inst = self.snapshots.iter().find(|((n, _), _)| *n == name).map(|(_, i)| i.clone());
+                    let Some((name, work)) = self.deferred.get(&did).cloned() else {
+                        continue;
+                    };
+                    let inst = self
+                        .snapshots
+                        .iter()
+                        .find(|((n, _), _)| *n == name)
+                        .map(|(_, i)| i.clone());
                     let done = self.done_tx.clone();
                     match inst {
                         Some(inst) => {
@@ -1142,13 +1374,17 @@ impl Actor {
                                 let _ = done.send(Done::Deferred(did, work.execution_id, r));
                             });
                         }
-                        None => tracing::warn!(distributor = %name, "deferred work for an unknown distributor"),
+                        None => {
+                            tracing::warn!(distributor = %name, "deferred work for an unknown distributor")
+                        }
                     }
                 }
             }
         }
         for ((name, hash), batch) in polls {
-            let Some(inst) = self.snapshots.get(&(name, hash)).cloned() else { continue };
+            let Some(inst) = self.snapshots.get(&(name, hash)).cloned() else {
+                continue;
+            };
             let done = self.done_tx.clone();
             let span = tracing::debug_span!("poll", distributor = %inst.name(), n = batch.len());
             tokio::spawn(
@@ -1159,7 +1395,9 @@ impl Actor {
                         let results = d.status_batch(&execs).await;
                         let mut results = results.into_iter();
                         for (e, who) in batch {
-                            let r = results.next().unwrap_or_else(|| Err(Error::permanent("status_batch returned too few results")));
+                            let r = results.next().unwrap_or_else(|| {
+                                Err(Error::permanent("status_batch returned too few results"))
+                            });
                             let _ = done.send(Done::Status(e.id, r, who));
                         }
                     } else {
@@ -1185,11 +1423,23 @@ impl Actor {
 
     fn call<F, Fut>(&self, id: ExecutionId, f: F)
     where
-        F: FnOnce(Arc<dyn crate::Distributor>, Execution, mpsc::UnboundedSender<Done>, ExecutionId) -> Fut,
+        F: FnOnce(
+            Arc<dyn crate::Distributor>,
+            Execution,
+            mpsc::UnboundedSender<Done>,
+            ExecutionId,
+        ) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let (Some(rec), Some(inst)) = (self.live.get(&id), self.instance(id)) else { return };
-        let fut = f(inst.distributor().clone(), rec.execution(), self.done_tx.clone(), id);
+        let (Some(rec), Some(inst)) = (self.live.get(&id), self.instance(id)) else {
+            return;
+        };
+        let fut = f(
+            inst.distributor().clone(),
+            rec.execution(),
+            self.done_tx.clone(),
+            id,
+        );
         tokio::spawn(fut.instrument(Self::span(rec)));
     }
 
@@ -1207,7 +1457,10 @@ impl Actor {
             distributor: rec.distributor.clone(),
             payload: rec.task.payload.clone(),
             previous: rec.previous.clone(),
-            notify: NotificationRoute { target: self.notify_target.clone(), auth_token: self.auth.sign(id, expiry) },
+            notify: NotificationRoute {
+                target: self.notify_target.clone(),
+                auth_token: self.auth.sign(id, expiry),
+            },
             timeouts: rec.task.timeouts,
             labels: rec.task.labels.clone(),
         };
@@ -1224,5 +1477,9 @@ impl Actor {
 }
 
 fn store_failed(msg: String) -> Error {
-    Error::Store { message: msg, transient: true, source: None }
+    Error::Store {
+        message: msg,
+        transient: true,
+        source: None,
+    }
 }

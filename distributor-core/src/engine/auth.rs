@@ -29,7 +29,8 @@ impl Auth {
     }
 
     fn mac(&self, body: &str) -> HmacSha256 {
-        let mut m = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes keys of any length");
+        let mut m =
+            HmacSha256::new_from_slice(&self.secret).expect("HMAC takes keys of any length");
         m.update(body.as_bytes());
         m
     }
@@ -42,7 +43,12 @@ impl Auth {
     }
 
     /// Checks that `token` was signed by this engine for `id` and has not expired at `now`.
-    pub(crate) fn verify(&self, token: &str, id: ExecutionId, now: Timestamp) -> Result<(), NotificationRejection> {
+    pub(crate) fn verify(
+        &self,
+        token: &str,
+        id: ExecutionId,
+        now: Timestamp,
+    ) -> Result<(), NotificationRejection> {
         let mut parts = token.rsplitn(2, '.');
         let (Some(mac_hex), Some(body)) = (parts.next(), parts.next()) else {
             return Err(NotificationRejection::Forged);
@@ -50,9 +56,13 @@ impl Auth {
         let Ok(mac) = hex::decode(mac_hex) else {
             return Err(NotificationRejection::Forged);
         };
-        self.mac(body).verify_slice(&mac).map_err(|_| NotificationRejection::Forged)?;
+        self.mac(body)
+            .verify_slice(&mac)
+            .map_err(|_| NotificationRejection::Forged)?;
         let mut fields = body.split('.');
-        let (Some("v1"), Some(tid), Some(exp), None) = (fields.next(), fields.next(), fields.next(), fields.next()) else {
+        let (Some("v1"), Some(tid), Some(exp), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
             return Err(NotificationRejection::Forged);
         };
         let (Ok(tid), Ok(exp)) = (tid.parse::<u64>(), exp.parse::<i64>()) else {
@@ -77,14 +87,29 @@ mod tests {
         let a = Auth::new(b"secret".to_vec());
         let t = a.sign(ExecutionId(7), Timestamp(1_000));
         assert_eq!(a.verify(&t.0, ExecutionId(7), Timestamp(999)), Ok(()));
-        assert_eq!(a.verify(&t.0, ExecutionId(8), Timestamp(999)), Err(NotificationRejection::WrongExecution));
-        assert_eq!(a.verify(&t.0, ExecutionId(7), Timestamp(1_001)), Err(NotificationRejection::Expired));
+        assert_eq!(
+            a.verify(&t.0, ExecutionId(8), Timestamp(999)),
+            Err(NotificationRejection::WrongExecution)
+        );
+        assert_eq!(
+            a.verify(&t.0, ExecutionId(7), Timestamp(1_001)),
+            Err(NotificationRejection::Expired)
+        );
         let other = Auth::new(b"other".to_vec()).sign(ExecutionId(7), Timestamp(1_000));
-        assert_eq!(a.verify(&other.0, ExecutionId(7), Timestamp(0)), Err(NotificationRejection::Forged));
+        assert_eq!(
+            a.verify(&other.0, ExecutionId(7), Timestamp(0)),
+            Err(NotificationRejection::Forged)
+        );
         let tampered = t.0.replace("v1.7.", "v1.8.");
-        assert_eq!(a.verify(&tampered, ExecutionId(8), Timestamp(0)), Err(NotificationRejection::Forged));
+        assert_eq!(
+            a.verify(&tampered, ExecutionId(8), Timestamp(0)),
+            Err(NotificationRejection::Forged)
+        );
         for garbage in ["", ".", "v1", "v1.7.1000.zz", "a.b.c.d.e"] {
-            assert_eq!(a.verify(garbage, ExecutionId(7), Timestamp(0)), Err(NotificationRejection::Forged));
+            assert_eq!(
+                a.verify(garbage, ExecutionId(7), Timestamp(0)),
+                Err(NotificationRejection::Forged)
+            );
         }
     }
 }

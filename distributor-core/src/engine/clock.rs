@@ -23,7 +23,10 @@ impl Default for Clock {
 impl Clock {
     /// A clock anchored at the current wall time.
     pub fn new() -> Self {
-        Self { wall0: Timestamp::now(), inst0: Instant::now() }
+        Self {
+            wall0: Timestamp::now(),
+            inst0: Instant::now(),
+        }
     }
     /// The current time.
     pub fn now(&self) -> Timestamp {
@@ -32,7 +35,11 @@ impl Clock {
     /// The tokio instant at which `t` falls (now, if `t` is in the past).
     pub fn instant_of(&self, t: Timestamp) -> Instant {
         let now = self.now();
-        if t <= now { Instant::now() } else { Instant::now() + now.until(t) }
+        if t <= now {
+            Instant::now()
+        } else {
+            Instant::now() + now.until(t)
+        }
     }
     /// `now() + d`.
     pub fn after(&self, d: Duration) -> Timestamp {

@@ -294,7 +294,12 @@ impl EngineBuilder {
                 })?,
                 None => {
                     let s: [u8; 32] = rand::random();
-                    store.apply(&[Write::Meta { key: "notify_secret".into(), value: hex::encode(s) }]).await?;
+                    store
+                        .apply(&[Write::Meta {
+                            key: "notify_secret".into(),
+                            value: hex::encode(s),
+                        }])
+                        .await?;
                     s.to_vec()
                 }
             },
@@ -304,8 +309,14 @@ impl EngineBuilder {
         let (deferred_tx, deferred_rx) = mpsc::unbounded_channel();
         let notifier = Notifier::new(notify_tx);
         let dtx = deferred_tx.clone();
-        let catalog =
-            self.registry.build_all(&self.config, |n| DeferredQueue::new(n.clone(), dtx.clone()), &notifier).await?;
+        let catalog = self
+            .registry
+            .build_all(
+                &self.config,
+                |n| DeferredQueue::new(n.clone(), dtx.clone()),
+                &notifier,
+            )
+            .await?;
         let (events, _) = broadcast::channel(self.settings.event_capacity.max(16));
         let (alive_tx, alive_rx) = tokio::sync::watch::channel(());
         let clock = self.clock.unwrap_or_default();
@@ -337,21 +348,38 @@ impl EngineBuilder {
         })
         .await?;
         tokio::spawn(actor.run(cmd_rx, alive_rx));
-        tokio::spawn(route_notifications(Arc::downgrade(&engine.shared), notify_rx));
-        tokio::spawn(actor::route_deferred(engine.shared.cmd.clone(), deferred_rx));
+        tokio::spawn(route_notifications(
+            Arc::downgrade(&engine.shared),
+            notify_rx,
+        ));
+        tokio::spawn(actor::route_deferred(
+            engine.shared.cmd.clone(),
+            deferred_rx,
+        ));
         Ok(engine)
     }
 }
 
+/// Feeds in-process pushes into the engine without waiting for each one to commit: the
+/// token is checked here, and the actor answers into a dropped channel.
 async fn route_notifications(
     shared: std::sync::Weak<Shared>,
     mut rx: mpsc::UnboundedReceiver<(ExecutionId, Notification)>,
 ) {
     while let Some((id, n)) = rx.recv().await {
-        let Some(shared) = shared.upgrade() else { return };
-        let engine = Engine { shared };
-        if let Err(e) = engine.notify(id, n).await {
-            tracing::debug!(execution = %id, error = %e, "in-process notification refused");
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        match Engine::authenticate(&shared, id, n) {
+            Ok(n) => {
+                let (tx, _) = oneshot::channel();
+                if shared.cmd.send(Cmd::Notify(id, n, tx)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(execution = %id, error = %e, "in-process notification refused")
+            }
         }
     }
 }
@@ -372,7 +400,10 @@ impl Engine {
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        self.shared.cmd.send(make(tx)).map_err(|_| Error::Shutdown)?;
+        self.shared
+            .cmd
+            .send(make(tx))
+            .map_err(|_| Error::Shutdown)?;
         rx.await.map_err(|_| Error::Shutdown)?
     }
 
@@ -384,21 +415,29 @@ impl Engine {
         let instance = self.instance(task.distributor.as_str())?;
         instance.validate(&task.payload)?;
         metrics::counter!("distributor_submitted_total").increment(1);
-        self.call(|r| Cmd::Submit(Box::new((task, instance)), r)).await
+        self.call(|r| Cmd::Submit(Box::new((task, instance)), r))
+            .await
     }
 
     /// The configured instance named `name` (following aliases).
     pub fn instance(&self, name: &str) -> Result<Instance> {
         let catalog = self.catalog();
-        catalog.get(&DistributorName::from(name)).cloned().ok_or_else(|| Error::UnknownDistributor {
-            name: name.to_owned(),
-            known: catalog.keys().cloned().collect(),
-            suggestion: nearest(name, catalog.keys().map(|k| k.as_str())),
-        })
+        catalog
+            .get(&DistributorName::from(name))
+            .cloned()
+            .ok_or_else(|| Error::UnknownDistributor {
+                name: name.to_owned(),
+                known: catalog.keys().cloned().collect(),
+                suggestion: nearest(name, catalog.keys().map(|k| k.as_str())),
+            })
     }
 
     fn catalog(&self) -> Arc<Catalog> {
-        self.shared.catalog.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.shared
+            .catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The configured distributor names (instances and aliases).
@@ -413,7 +452,11 @@ impl Engine {
 
     /// The committed record of one execution.
     pub async fn get(&self, id: ExecutionId) -> Result<ExecutionRecord> {
-        self.shared.store.get(id).await?.ok_or(Error::UnknownExecution(id))
+        self.shared
+            .store
+            .get(id)
+            .await?
+            .ok_or(Error::UnknownExecution(id))
     }
 
     /// Committed records matching `filter`.
@@ -429,7 +472,10 @@ impl Engine {
     /// Waits until this execution is terminal and returns its record.
     pub async fn wait(&self, id: ExecutionId) -> Result<ExecutionRecord> {
         let (tx, rx) = oneshot::channel();
-        self.shared.cmd.send(Cmd::Wait(id, tx)).map_err(|_| Error::Shutdown)?;
+        self.shared
+            .cmd
+            .send(Cmd::Wait(id, tx))
+            .map_err(|_| Error::Shutdown)?;
         rx.await.map_err(|_| Error::Shutdown)?
     }
 
@@ -464,15 +510,23 @@ impl Engine {
     ///
     /// Errors: [`Error::NotificationRejected`] for a missing, forged, expired or other-execution
     /// token, an unknown or finished execution, or a stale/duplicate update; nothing changes then.
-    pub async fn notify(&self, id: ExecutionId, mut n: Notification) -> Result<()> {
-        let reject = |r| Err(Error::NotificationRejected(r));
-        let Some(token) = n.attributes.remove("auth_token") else {
-            return reject(NotificationRejection::MissingToken);
-        };
-        if let Err(r) = self.shared.auth.verify(&token, id, self.shared.clock.now()) {
-            return reject(r);
-        }
+    pub async fn notify(&self, id: ExecutionId, n: Notification) -> Result<()> {
+        let n = Self::authenticate(&self.shared, id, n)?;
         self.call(|r| Cmd::Notify(id, n, r)).await
+    }
+
+    /// Checks and strips the `auth_token` attribute.
+    fn authenticate(shared: &Shared, id: ExecutionId, mut n: Notification) -> Result<Notification> {
+        let Some(token) = n.attributes.remove("auth_token") else {
+            return Err(Error::NotificationRejected(
+                NotificationRejection::MissingToken,
+            ));
+        };
+        shared
+            .auth
+            .verify(&token, id, shared.clock.now())
+            .map_err(Error::NotificationRejected)?;
+        Ok(n)
     }
 
     /// Replaces the distributors config. New executions use the new instances; executions in
@@ -484,10 +538,18 @@ impl Engine {
         let catalog = self
             .shared
             .registry
-            .build_all(&config, |n| DeferredQueue::new(n.clone(), dtx.clone()), &self.shared.notifier)
+            .build_all(
+                &config,
+                |n| DeferredQueue::new(n.clone(), dtx.clone()),
+                &self.shared.notifier,
+            )
             .await?;
         self.call(|r| Cmd::Reload(catalog.clone(), r)).await?;
-        *self.shared.catalog.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(catalog);
+        *self
+            .shared
+            .catalog
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(catalog);
         Ok(())
     }
 

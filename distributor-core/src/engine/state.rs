@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -10,8 +11,8 @@ use serde_json::Value;
 
 use crate::config::ConfigHash;
 use crate::types::{
-    AbnormalKind, AdapterHandle, Attempt, Deadlines, DistributorName, Execution, ExecutionId, KindName,
-    Labels, Outcome, RequestId, TaskId, Timeouts, Timestamp, Token,
+    AbnormalKind, AdapterHandle, Attempt, Deadlines, DistributorName, Execution, ExecutionId,
+    KindName, Labels, Outcome, RequestId, TaskId, Timeouts, Timestamp, Token,
 };
 
 /// Where an execution is. Terminal states never change again.
@@ -36,7 +37,13 @@ pub enum State {
 
 impl State {
     /// Every non-terminal state.
-    pub const LIVE: [State; 5] = [Self::Queued, Self::Dispatching, Self::Pending, Self::Running, Self::Cancelling];
+    pub const LIVE: [State; 5] = [
+        Self::Queued,
+        Self::Dispatching,
+        Self::Pending,
+        Self::Running,
+        Self::Cancelling,
+    ];
 
     /// True for `Succeeded` and `Abnormal(_)`.
     pub fn is_terminal(self) -> bool {
@@ -56,7 +63,9 @@ impl State {
         use State::*;
         match self {
             Queued => matches!(to, Dispatching | Abnormal(_)),
-            Dispatching => matches!(to, Dispatching | Pending | Running | Cancelling) || to.is_terminal(),
+            Dispatching => {
+                matches!(to, Dispatching | Pending | Running | Cancelling) || to.is_terminal()
+            }
             Pending => matches!(to, Running | Cancelling) || to.is_terminal(),
             Running => matches!(to, Cancelling) || to.is_terminal(),
             Cancelling => to.is_terminal(),
@@ -111,14 +120,21 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { max_attempts: 1, per_kind: BTreeMap::new(), delay: None }
+        Self {
+            max_attempts: 1,
+            per_kind: BTreeMap::new(),
+            delay: None,
+        }
     }
 }
 
 impl RetryPolicy {
     /// Retry up to `n` more times, whatever the retryable kind.
     pub fn attempts(max_attempts: u32) -> Self {
-        Self { max_attempts, ..Self::default() }
+        Self {
+            max_attempts,
+            ..Self::default()
+        }
     }
 
     /// Whether an execution that ended `kind` after `attempt`, in a task whose earlier attempts
@@ -127,7 +143,11 @@ impl RetryPolicy {
         if !kind.is_retryable() || attempt.0 >= self.max_attempts {
             return false;
         }
-        let budget = self.per_kind.get(&kind).copied().unwrap_or(self.max_attempts.saturating_sub(1));
+        let budget = self
+            .per_kind
+            .get(&kind)
+            .copied()
+            .unwrap_or(self.max_attempts.saturating_sub(1));
         let used = history.iter().filter(|k| **k == kind).count();
         u32::try_from(used).unwrap_or(u32::MAX) <= budget
     }
@@ -215,8 +235,9 @@ pub struct ExecutionRecord {
     pub distributor: DistributorName,
     /// Config snapshot: kind.
     pub kind: KindName,
-    /// Config snapshot: the instance config at submit time.
-    pub config: Value,
+    /// Config snapshot: the instance config at submit time (shared between the executions of one
+    /// instance).
+    pub config: Arc<Value>,
     /// Config snapshot: its content hash.
     pub config_hash: ConfigHash,
     /// Where it is.
@@ -338,17 +359,34 @@ mod tests {
     #[test]
     fn forward_path_is_allowed_and_backward_is_not() {
         use State::*;
-        for (a, b) in [(Queued, Dispatching), (Dispatching, Pending), (Pending, Running), (Running, Cancelling), (Running, Succeeded), (Cancelling, Abnormal(AbnormalKind::Cancelled))] {
+        for (a, b) in [
+            (Queued, Dispatching),
+            (Dispatching, Pending),
+            (Pending, Running),
+            (Running, Cancelling),
+            (Running, Succeeded),
+            (Cancelling, Abnormal(AbnormalKind::Cancelled)),
+        ] {
             assert!(a.can_move_to(b), "{a} -> {b}");
         }
-        for (a, b) in [(Running, Pending), (Pending, Dispatching), (Cancelling, Running), (Queued, Running), (Running, Queued)] {
+        for (a, b) in [
+            (Running, Pending),
+            (Pending, Dispatching),
+            (Cancelling, Running),
+            (Queued, Running),
+            (Running, Queued),
+        ] {
             assert!(!a.can_move_to(b), "{a} -> {b}");
         }
     }
 
     #[test]
     fn state_strings_round_trip() {
-        for s in State::LIVE.into_iter().chain([State::Succeeded]).chain(AbnormalKind::ALL.map(State::Abnormal)) {
+        for s in State::LIVE
+            .into_iter()
+            .chain([State::Succeeded])
+            .chain(AbnormalKind::ALL.map(State::Abnormal))
+        {
             assert_eq!(s.as_str().parse::<State>(), Ok(s));
         }
     }

@@ -27,7 +27,12 @@ pub struct MemoryStore {
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        Self { inner: Mutex::new(Inner { keep_history: true, ..Inner::default() }) }
+        Self {
+            inner: Mutex::new(Inner {
+                keep_history: true,
+                ..Inner::default()
+            }),
+        }
     }
 }
 
@@ -39,7 +44,9 @@ impl MemoryStore {
 
     /// An empty store that drops history rows (for benchmarks measuring the engine alone).
     pub fn without_history() -> Self {
-        Self { inner: Mutex::new(Inner::default()) }
+        Self {
+            inner: Mutex::new(Inner::default()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -61,8 +68,15 @@ impl Store for MemoryStore {
                     }
                     versions.insert(record.id, record.version);
                 }
-                Write::Update { record, expected_version, .. } => {
-                    let current = versions.get(&record.id).copied().or_else(|| g.records.get(&record.id).map(|r| r.version));
+                Write::Update {
+                    record,
+                    expected_version,
+                    ..
+                } => {
+                    let current = versions
+                        .get(&record.id)
+                        .copied()
+                        .or_else(|| g.records.get(&record.id).map(|r| r.version));
                     if current != Some(*expected_version) {
                         return Err(Error::Conflict(record.id));
                     }
@@ -73,16 +87,26 @@ impl Store for MemoryStore {
         }
         for w in batch {
             match w {
-                Write::Insert { record, history } | Write::Update { record, history, .. } => {
+                Write::Insert { record, history }
+                | Write::Update {
+                    record, history, ..
+                } => {
                     g.records.insert(record.id, record.clone());
                     if g.keep_history && !history.is_empty() {
-                        g.history.entry(record.id).or_default().extend(history.iter().cloned());
+                        g.history
+                            .entry(record.id)
+                            .or_default()
+                            .extend(history.iter().cloned());
                     }
                 }
                 Write::Meta { key, value } => {
                     g.meta.insert(key.clone(), value.clone());
                 }
-                Write::PutDeferred { id, distributor, work } => {
+                Write::PutDeferred {
+                    id,
+                    distributor,
+                    work,
+                } => {
                     g.deferred.insert(*id, (distributor.clone(), work.clone()));
                 }
                 Write::DeleteDeferred { id } => {
@@ -99,11 +123,22 @@ impl Store for MemoryStore {
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<ExecutionRecord>> {
         let g = self.lock();
-        Ok(g.records.values().filter(|r| filter.matches(r)).take(filter.limit()).cloned().collect())
+        Ok(g.records
+            .values()
+            .filter(|r| filter.matches(r))
+            .take(filter.limit())
+            .cloned()
+            .collect())
     }
 
     async fn live(&self) -> Result<Vec<ExecutionRecord>> {
-        Ok(self.lock().records.values().filter(|r| !r.state.is_terminal()).cloned().collect())
+        Ok(self
+            .lock()
+            .records
+            .values()
+            .filter(|r| !r.state.is_terminal())
+            .cloned()
+            .collect())
     }
 
     async fn history(&self, id: ExecutionId) -> Result<Vec<HistoryEntry>> {
@@ -119,6 +154,11 @@ impl Store for MemoryStore {
     }
 
     async fn deferred(&self) -> Result<Vec<(u64, DistributorName, DeferredWork)>> {
-        Ok(self.lock().deferred.iter().map(|(id, (d, w))| (*id, d.clone(), w.clone())).collect())
+        Ok(self
+            .lock()
+            .deferred
+            .iter()
+            .map(|(id, (d, w))| (*id, d.clone(), w.clone()))
+            .collect())
     }
 }

@@ -93,10 +93,16 @@ impl ListFilter {
     /// Whether `r` matches (for stores that filter in memory).
     pub fn matches(&self, r: &ExecutionRecord) -> bool {
         (self.states.is_empty() || self.states.contains(&r.state))
-            && self.distributor.as_ref().is_none_or(|d| *d == r.distributor)
+            && self
+                .distributor
+                .as_ref()
+                .is_none_or(|d| *d == r.distributor)
             && self.task_id.is_none_or(|t| t == r.task_id)
             && self.after.is_none_or(|a| r.id > a)
-            && self.labels.iter().all(|(k, v)| r.task.labels.get(k) == Some(v))
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| r.task.labels.get(k) == Some(v))
     }
     /// The effective limit.
     pub fn limit(&self) -> usize {

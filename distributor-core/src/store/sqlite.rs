@@ -45,12 +45,20 @@ fn store_err(what: &str) -> impl FnOnce(sqlx::Error) -> Error + '_ {
             sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
             _ => false,
         };
-        Error::Store { message: format!("{what}: {e}"), transient, source: Some(Box::new(e)) }
+        Error::Store {
+            message: format!("{what}: {e}"),
+            transient,
+            source: Some(Box::new(e)),
+        }
     }
 }
 
 fn json_err(e: serde_json::Error) -> Error {
-    Error::Store { message: format!("corrupt row: {e}"), transient: false, source: Some(Box::new(e)) }
+    Error::Store {
+        message: format!("corrupt row: {e}"),
+        transient: false,
+        source: Some(Box::new(e)),
+    }
 }
 
 impl SqliteStore {
@@ -77,7 +85,11 @@ impl SqliteStore {
                 Synchronous::Full => SqliteSynchronous::Full,
             })
             .busy_timeout(std::time::Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await.map_err(store_err("open"))?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .map_err(store_err("open"))?;
         let store = Self { pool };
         store.migrate().await?;
         Ok(store)
@@ -86,7 +98,11 @@ impl SqliteStore {
     /// An in-memory database (for tests of SQL behaviour without a file).
     pub async fn in_memory() -> Result<Self> {
         let opts = SqliteConnectOptions::from_str("sqlite::memory:").map_err(store_err("open"))?;
-        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await.map_err(store_err("open"))?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts)
+            .await
+            .map_err(store_err("open"))?;
         let store = Self { pool };
         store.migrate().await?;
         Ok(store)
@@ -94,11 +110,24 @@ impl SqliteStore {
 
     async fn migrate(&self) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(store_err("migrate"))?;
-        let current: i64 = sqlx::query_scalar("PRAGMA user_version").fetch_one(&mut *tx).await.map_err(store_err("migrate"))?;
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(current).unwrap_or(0)) {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(*sql)).execute(&mut *tx).await.map_err(store_err("migrate"))?;
+        let current: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(store_err("migrate"))?;
+        for (i, sql) in MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(current).unwrap_or(0))
+        {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(*sql))
+                .execute(&mut *tx)
+                .await
+                .map_err(store_err("migrate"))?;
             let bump = format!("PRAGMA user_version = {}", i + 1);
-            sqlx::raw_sql(sqlx::AssertSqlSafe(bump)).execute(&mut *tx).await.map_err(store_err("migrate"))?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(bump))
+                .execute(&mut *tx)
+                .await
+                .map_err(store_err("migrate"))?;
         }
         tx.commit().await.map_err(store_err("migrate"))
     }
@@ -134,7 +163,11 @@ impl Store for SqliteStore {
                         insert_history(&mut tx, h).await?;
                     }
                 }
-                Write::Update { record, expected_version, history } => {
+                Write::Update {
+                    record,
+                    expected_version,
+                    history,
+                } => {
                     let done = sqlx::query("UPDATE executions SET state = ?, live = ?, version = ?, record = ? WHERE id = ? AND version = ?")
                         .bind(record.state.as_str())
                         .bind(!record.state.is_terminal())
@@ -160,17 +193,27 @@ impl Store for SqliteStore {
                         .await
                         .map_err(store_err("meta"))?;
                 }
-                Write::PutDeferred { id, distributor, work } => {
-                    sqlx::query("INSERT OR REPLACE INTO deferred (id, distributor, work) VALUES (?, ?, ?)")
+                Write::PutDeferred {
+                    id,
+                    distributor,
+                    work,
+                } => {
+                    sqlx::query(
+                        "INSERT OR REPLACE INTO deferred (id, distributor, work) VALUES (?, ?, ?)",
+                    )
+                    .bind(*id as i64)
+                    .bind(distributor.as_str())
+                    .bind(serde_json::to_string(work).map_err(json_err)?)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(store_err("deferred"))?;
+                }
+                Write::DeleteDeferred { id } => {
+                    sqlx::query("DELETE FROM deferred WHERE id = ?")
                         .bind(*id as i64)
-                        .bind(distributor.as_str())
-                        .bind(serde_json::to_string(work).map_err(json_err)?)
                         .execute(&mut *tx)
                         .await
                         .map_err(store_err("deferred"))?;
-                }
-                Write::DeleteDeferred { id } => {
-                    sqlx::query("DELETE FROM deferred WHERE id = ?").bind(*id as i64).execute(&mut *tx).await.map_err(store_err("deferred"))?;
                 }
             }
         }
@@ -189,7 +232,10 @@ impl Store for SqliteStore {
     async fn list(&self, filter: &ListFilter) -> Result<Vec<ExecutionRecord>> {
         let mut sql = String::from("SELECT record FROM executions WHERE id > ?");
         if !filter.states.is_empty() {
-            sql.push_str(&format!(" AND state IN ({})", vec!["?"; filter.states.len()].join(",")));
+            sql.push_str(&format!(
+                " AND state IN ({})",
+                vec!["?"; filter.states.len()].join(",")
+            ));
         }
         if filter.distributor.is_some() {
             sql.push_str(" AND distributor = ?");
@@ -201,7 +247,8 @@ impl Store for SqliteStore {
         if filter.labels.is_empty() {
             sql.push_str(&format!(" LIMIT {}", filter.limit()));
         }
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(filter.after.map_or(0, |a| a.0 as i64));
+        let mut q =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(filter.after.map_or(0, |a| a.0 as i64));
         for s in &filter.states {
             q = q.bind(s.as_str());
         }
@@ -273,13 +320,20 @@ impl Store for SqliteStore {
                 let id: i64 = r.try_get("id").map_err(store_err("deferred"))?;
                 let d: String = r.try_get("distributor").map_err(store_err("deferred"))?;
                 let w: String = r.try_get("work").map_err(store_err("deferred"))?;
-                Ok((id as u64, DistributorName::from(d), serde_json::from_str(&w).map_err(json_err)?))
+                Ok((
+                    id as u64,
+                    DistributorName::from(d),
+                    serde_json::from_str(&w).map_err(json_err)?,
+                ))
             })
             .collect()
     }
 }
 
-async fn insert_history(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, h: &HistoryEntry) -> Result<()> {
+async fn insert_history(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    h: &HistoryEntry,
+) -> Result<()> {
     sqlx::query("INSERT OR REPLACE INTO history (execution_id, version, entry) VALUES (?, ?, ?)")
         .bind(h.execution_id.0 as i64)
         .bind(h.version as i64)
@@ -289,4 +343,3 @@ async fn insert_history(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, h: &Histor
         .map_err(store_err("history"))?;
     Ok(())
 }
-

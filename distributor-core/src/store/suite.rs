@@ -15,7 +15,14 @@ use crate::types::*;
 /// A record in `state` for tests.
 pub fn sample_record(id: u64, state: State) -> ExecutionRecord {
     let mut task = Task::new("local", json!({"argv": ["true"]}));
-    task.labels.insert("team".into(), if id % 2 == 0 { "even".into() } else { "odd".into() });
+    task.labels.insert(
+        "team".into(),
+        if id % 2 == 0 {
+            "even".into()
+        } else {
+            "odd".into()
+        },
+    );
     ExecutionRecord {
         id: ExecutionId(id),
         task_id: TaskId(id),
@@ -24,7 +31,7 @@ pub fn sample_record(id: u64, state: State) -> ExecutionRecord {
         task,
         distributor: DistributorName::new("local"),
         kind: KindName::new("local"),
-        config: json!({}),
+        config: std::sync::Arc::new(json!({})),
         config_hash: ConfigHash::of("local", &json!({})),
         state,
         version: 1,
@@ -63,14 +70,21 @@ fn history(r: &ExecutionRecord, from: Option<State>) -> HistoryEntry {
 }
 
 fn insert(r: &ExecutionRecord) -> Write {
-    Write::Insert { record: r.clone(), history: vec![history(r, None)] }
+    Write::Insert {
+        record: r.clone(),
+        history: vec![history(r, None)],
+    }
 }
 
 fn advance(r: &mut ExecutionRecord, to: State) -> Write {
     let from = r.state;
     r.state = to;
     r.version += 1;
-    Write::Update { record: r.clone(), expected_version: r.version - 1, history: vec![history(r, Some(from))] }
+    Write::Update {
+        record: r.clone(),
+        expected_version: r.version - 1,
+        history: vec![history(r, Some(from))],
+    }
 }
 
 /// Runs every check against `store`, which MUST be empty. Panics with a message on failure.
@@ -90,7 +104,13 @@ async fn insert_get_and_history(store: &dyn Store) {
     let w = advance(&mut r, State::Dispatching);
     store.apply(&[w]).await.expect("update");
     let h = store.history(ExecutionId(1)).await.unwrap();
-    assert_eq!(h.iter().map(|h| (h.from, h.to)).collect::<Vec<_>>(), [(None, State::Queued), (Some(State::Queued), State::Dispatching)]);
+    assert_eq!(
+        h.iter().map(|h| (h.from, h.to)).collect::<Vec<_>>(),
+        [
+            (None, State::Queued),
+            (Some(State::Queued), State::Dispatching)
+        ]
+    );
     assert_eq!(store.get(ExecutionId(99)).await.unwrap(), None);
 }
 
@@ -98,13 +118,30 @@ async fn compare_and_set(store: &dyn Store) {
     let mut r = sample_record(2, State::Queued);
     store.apply(&[insert(&r)]).await.unwrap();
     let mut stale = r.clone();
-    store.apply(&[advance(&mut r, State::Dispatching)]).await.unwrap();
+    store
+        .apply(&[advance(&mut r, State::Dispatching)])
+        .await
+        .unwrap();
     // A writer that did not see version 2 loses.
-    let err = store.apply(&[advance(&mut stale, State::Abnormal(AbnormalKind::Cancelled))]).await.unwrap_err();
+    let err = store
+        .apply(&[advance(
+            &mut stale,
+            State::Abnormal(AbnormalKind::Cancelled),
+        )])
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Conflict(ExecutionId(2))), "{err}");
-    assert_eq!(store.get(ExecutionId(2)).await.unwrap().unwrap().state, State::Dispatching);
+    assert_eq!(
+        store.get(ExecutionId(2)).await.unwrap().unwrap().state,
+        State::Dispatching
+    );
     // Inserting an existing id is a conflict too.
-    assert!(matches!(store.apply(&[insert(&sample_record(2, State::Queued))]).await, Err(Error::Conflict(_))));
+    assert!(matches!(
+        store
+            .apply(&[insert(&sample_record(2, State::Queued))])
+            .await,
+        Err(Error::Conflict(_))
+    ));
 }
 
 async fn batch_is_atomic(store: &dyn Store) {
@@ -113,9 +150,20 @@ async fn batch_is_atomic(store: &dyn Store) {
     store.apply(&[insert(&a)]).await.unwrap();
     let mut stale_b = b.clone();
     stale_b.version = 8; // an update of a record that does not exist
-    let batch = [advance(&mut a, State::Dispatching), Write::Update { record: stale_b, expected_version: 7, history: vec![] }];
+    let batch = [
+        advance(&mut a, State::Dispatching),
+        Write::Update {
+            record: stale_b,
+            expected_version: 7,
+            history: vec![],
+        },
+    ];
     assert!(store.apply(&batch).await.is_err());
-    assert_eq!(store.get(ExecutionId(3)).await.unwrap().unwrap().state, State::Queued, "partial batch applied");
+    assert_eq!(
+        store.get(ExecutionId(3)).await.unwrap().unwrap().state,
+        State::Queued,
+        "partial batch applied"
+    );
     assert_eq!(store.history(ExecutionId(3)).await.unwrap().len(), 1);
     // Several changes to one record in one batch chain their versions.
     let mut c = sample_record(5, State::Queued);
@@ -129,7 +177,14 @@ async fn batch_is_atomic(store: &dyn Store) {
 async fn list_filters(store: &dyn Store) {
     let mut batch = Vec::new();
     for id in 10..20 {
-        let mut r = sample_record(id, if id < 15 { State::Running } else { State::Succeeded });
+        let mut r = sample_record(
+            id,
+            if id < 15 {
+                State::Running
+            } else {
+                State::Succeeded
+            },
+        );
         if id >= 18 {
             r.distributor = DistributorName::new("hpc");
         }
@@ -137,33 +192,85 @@ async fn list_filters(store: &dyn Store) {
     }
     store.apply(&batch).await.unwrap();
     let ids = |v: Vec<ExecutionRecord>| v.into_iter().map(|r| r.id.0).collect::<Vec<_>>();
-    let f = ListFilter { states: vec![State::Running], after: Some(ExecutionId(9)), ..Default::default() };
+    let f = ListFilter {
+        states: vec![State::Running],
+        after: Some(ExecutionId(9)),
+        ..Default::default()
+    };
     assert_eq!(ids(store.list(&f).await.unwrap()), [10, 11, 12, 13, 14]);
-    let f = ListFilter { distributor: Some(DistributorName::new("hpc")), ..Default::default() };
+    let f = ListFilter {
+        distributor: Some(DistributorName::new("hpc")),
+        ..Default::default()
+    };
     assert_eq!(ids(store.list(&f).await.unwrap()), [18, 19]);
-    let mut f = ListFilter { after: Some(ExecutionId(9)), limit: Some(3), ..Default::default() };
+    let mut f = ListFilter {
+        after: Some(ExecutionId(9)),
+        limit: Some(3),
+        ..Default::default()
+    };
     f.labels.insert("team".into(), "odd".into());
     assert_eq!(ids(store.list(&f).await.unwrap()), [11, 13, 15]);
-    let f = ListFilter { task_id: Some(TaskId(12)), ..Default::default() };
+    let f = ListFilter {
+        task_id: Some(TaskId(12)),
+        ..Default::default()
+    };
     assert_eq!(ids(store.list(&f).await.unwrap()), [12]);
 }
 
 async fn live_and_max_id(store: &dyn Store) {
-    let live: Vec<u64> = store.live().await.unwrap().into_iter().map(|r| r.id.0).collect();
+    let live: Vec<u64> = store
+        .live()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id.0)
+        .collect();
     assert!(live.contains(&10) && live.contains(&2), "{live:?}");
-    assert!(!live.contains(&15), "terminal record listed as live: {live:?}");
+    assert!(
+        !live.contains(&15),
+        "terminal record listed as live: {live:?}"
+    );
     assert_eq!(store.max_id().await.unwrap(), 19);
 }
 
 async fn meta_and_deferred(store: &dyn Store) {
     assert_eq!(store.meta("secret").await.unwrap(), None);
-    store.apply(&[Write::Meta { key: "secret".into(), value: "a".into() }]).await.unwrap();
-    store.apply(&[Write::Meta { key: "secret".into(), value: "b".into() }]).await.unwrap();
+    store
+        .apply(&[Write::Meta {
+            key: "secret".into(),
+            value: "a".into(),
+        }])
+        .await
+        .unwrap();
+    store
+        .apply(&[Write::Meta {
+            key: "secret".into(),
+            value: "b".into(),
+        }])
+        .await
+        .unwrap();
     assert_eq!(store.meta("secret").await.unwrap().as_deref(), Some("b"));
-    let work = DeferredWork { execution_id: ExecutionId(1), due: Timestamp(5), data: json!({"x": 1}) };
-    store.apply(&[Write::PutDeferred { id: 1, distributor: "local".into(), work: work.clone() }]).await.unwrap();
-    assert_eq!(store.deferred().await.unwrap(), vec![(1, DistributorName::new("local"), work)]);
-    store.apply(&[Write::DeleteDeferred { id: 1 }]).await.unwrap();
+    let work = DeferredWork {
+        execution_id: ExecutionId(1),
+        due: Timestamp(5),
+        data: json!({"x": 1}),
+    };
+    store
+        .apply(&[Write::PutDeferred {
+            id: 1,
+            distributor: "local".into(),
+            work: work.clone(),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.deferred().await.unwrap(),
+        vec![(1, DistributorName::new("local"), work)]
+    );
+    store
+        .apply(&[Write::DeleteDeferred { id: 1 }])
+        .await
+        .unwrap();
     assert!(store.deferred().await.unwrap().is_empty());
 }
 
