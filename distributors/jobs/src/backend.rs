@@ -1,19 +1,20 @@
 //! The `Distributor` impl: a Jobs API server embedded in the orchestrator.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use distributor_core::{
     AbnormalKind, AdapterHandle, BuildContext, Capabilities, Distributor, Error, Execution,
-    KindConfig, Launch, Notification, Outcome, Result, Status, TaskDescription, ValidationError,
-    Violation,
+    KindConfig, Launch, Notification, Notifier, Outcome, Result, Status, TaskDescription,
+    ValidationError, Violation,
 };
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use url::Url;
 
@@ -33,31 +34,47 @@ impl KindConfig for JobsConfig {
     }
 }
 
-/// A running `jobs` distributor: the Jobs API server, its lease reaper and its queue file.
+/// A `jobs` distributor instance: a handle on the Jobs API server of its queue file.
 ///
-/// Dropping it stops the server (without waiting); [`JobsServer::shutdown`] stops it and waits
-/// until the port and the database file are released, so a new instance can take them over.
+/// The server (HTTP listener, lease reaper, group-commit writer) runs on its own runtime
+/// thread, so it does not depend on the runtime of whoever built it. Instances built in one
+/// process with the same `database` and an identical config share one server (an engine may
+/// hold an old and a new instance across a config reload); with a different config they are
+/// refused, since one queue file MUST have one owner. Pushes about a job go to the notifier of
+/// the instance that ran it. The server stops when the last instance is dropped (without
+/// waiting) or on [`JobsServer::shutdown`] (waiting until the port and the file are released).
 pub struct JobsServer {
-    shared: Arc<Shared>,
-    addr: SocketAddr,
-    stop: watch::Sender<bool>,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
-    run_lock: tokio::sync::Mutex<()>,
+    core: Arc<Core>,
+    notifier: Notifier,
 }
 
 impl fmt::Debug for JobsServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JobsServer")
-            .field("addr", &self.addr)
+            .field("addr", &self.core.addr)
             .finish_non_exhaustive()
     }
 }
 
-impl Drop for JobsServer {
+/// One running server, shared by the instances of one queue file.
+struct Core {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    config: JobsConfig,
+    stop: watch::Sender<bool>,
+    done: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
+    run_lock: tokio::sync::Mutex<()>,
+}
+
+impl Drop for Core {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
     }
 }
+
+/// Servers running in this process, by absolute queue file path.
+static SERVING: tokio::sync::Mutex<BTreeMap<PathBuf, Weak<Core>>> =
+    tokio::sync::Mutex::const_new(BTreeMap::new());
 
 fn settings(cfg: &JobsConfig, addr: SocketAddr) -> Result<Settings, JobsError> {
     let mut names = HashSet::new();
@@ -101,101 +118,181 @@ fn missing(reason: impl Into<String>) -> Status {
     Status::Finished(Outcome::abnormal(AbnormalKind::Missing, reason))
 }
 
-impl JobsServer {
-    /// Opens the queue file, loads the unfinished jobs, binds `config.listen` and starts
-    /// serving. Pushes go to `ctx.notifier`.
-    ///
-    /// Errors: the address is in use (transient); a bad address, duplicate worker or unusable
-    /// database (permanent).
-    pub async fn start(config: JobsConfig, ctx: BuildContext) -> Result<Arc<Self>> {
-        Ok(Self::start_inner(config, ctx).await?)
-    }
-
-    async fn start_inner(config: JobsConfig, ctx: BuildContext) -> Result<Arc<Self>, JobsError> {
-        let listen: SocketAddr = config
-            .listen
-            .parse()
-            .map_err(|e| JobsError::Config(format!("`listen` = `{}`: {e}", config.listen)))?;
-        let (store, conn) = store::open(&config.database).await?;
-        let (live, next_id) = store.load_live().await?;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|source| JobsError::Bind {
-                addr: config.listen.clone(),
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| JobsError::Bind {
+/// Opens the file, loads the queue, binds, and spawns the server's tasks on the current
+/// runtime (the server thread's). Returns the shared state, the address and the tasks.
+async fn serve(
+    config: &JobsConfig,
+    stop: watch::Receiver<bool>,
+) -> Result<(Arc<Shared>, SocketAddr, Vec<JoinHandle<()>>), JobsError> {
+    let listen: SocketAddr = config
+        .listen
+        .parse()
+        .map_err(|e| JobsError::Config(format!("`listen` = `{}`: {e}", config.listen)))?;
+    let (store, conn) = store::open(&config.database).await?;
+    let (live, next_id) = store.load_live().await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| JobsError::Bind {
             addr: config.listen.clone(),
             source,
         })?;
-        let settings = settings(&config, addr)?;
-        let (wtx, wrx) = mpsc::unbounded_channel();
-        let budget = Budget {
-            lease_ms: settings.lease_ms,
-            max_reoffers: config.max_reoffers,
-        };
-        let queue = Queue::new(live, next_id, budget, wtx, now_ms());
+    let addr = listener.local_addr().map_err(|source| JobsError::Bind {
+        addr: config.listen.clone(),
+        source,
+    })?;
+    let settings = settings(config, addr)?;
+    let (wtx, wrx) = mpsc::unbounded_channel();
+    let budget = Budget {
+        lease_ms: settings.lease_ms,
+        max_reoffers: config.max_reoffers,
+    };
+    let queue = Queue::new(live, next_id, budget, wtx, now_ms());
+    let shared = Arc::new(Shared::new(settings, queue, store, stop.clone()));
+    let writer = tokio::spawn(store::writer(conn, wrx));
+    let app = api::router(shared.clone());
+    let mut shutdown = stop;
+    let server = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "jobs: server stopped");
+        }
+    });
+    let reaper = tokio::spawn(shared.clone().reap());
+    Ok((shared, addr, vec![server, reaper, writer]))
+}
+
+impl Core {
+    /// Starts a server on its own runtime thread.
+    async fn start(config: JobsConfig) -> Result<Arc<Self>, JobsError> {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
         let (stop, stop_rx) = watch::channel(false);
-        let shared = Arc::new(Shared::new(
-            settings,
-            queue,
-            store,
-            ctx.notifier,
-            stop_rx.clone(),
-        ));
-        let writer = tokio::spawn(store::writer(conn, wrx));
-        let app = api::router(shared.clone());
-        let mut shutdown = stop_rx.clone();
-        let server = tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = shutdown.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "jobs: server stopped");
-            }
-        });
-        let reaper = tokio::spawn(shared.clone().reap());
-        tracing::info!(%addr, name = %ctx.name, "jobs: serving");
+        let cfg = config.clone();
+        let thread = std::thread::Builder::new()
+            .name("jobs-server".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("jobs-server")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(JobsError::Config(format!("runtime: {e}"))));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let (shared, addr, tasks) = match serve(&cfg, stop_rx.clone()).await {
+                        Ok(x) => x,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok((shared.clone(), addr)));
+                    let mut stop = stop_rx;
+                    let _ = stop.wait_for(|s| *s).await;
+                    let mut tasks = tasks.into_iter();
+                    // Server and reaper first; then close the queue so the writer drains.
+                    for t in tasks.by_ref().take(2) {
+                        let _ = t.await;
+                    }
+                    shared.lock().close();
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                    shared.store.close().await;
+                });
+                rt.shutdown_background();
+                let _ = done_tx.send(());
+            });
+        if let Err(e) = thread {
+            return Err(JobsError::Config(format!(
+                "cannot start the server thread: {e}"
+            )));
+        }
+        let (shared, addr) = ready_rx.await.map_err(|_| JobsError::Shutdown)??;
+        tracing::info!(%addr, "jobs: serving");
         Ok(Arc::new(Self {
             shared,
             addr,
+            config,
             stop,
-            tasks: Mutex::new(vec![server, reaper, writer]),
+            done: tokio::sync::Mutex::new(Some(done_rx)),
             run_lock: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+}
+
+impl JobsServer {
+    /// Starts serving `config` (or joins the server already serving its queue file in this
+    /// process with the identical config). Pushes about the jobs this instance runs go to
+    /// `ctx.notifier`.
+    ///
+    /// Errors: the address is in use (transient); a bad address, a duplicate worker, an
+    /// unusable database, or a queue file served here with another config (permanent).
+    pub async fn start(config: JobsConfig, ctx: BuildContext) -> Result<Arc<Self>> {
+        let key = std::path::absolute(&config.database).map_err(|e| {
+            JobsError::Config(format!("`database` = {}: {e}", config.database.display()))
+        })?;
+        let mut serving = SERVING.lock().await;
+        let running = serving
+            .get(&key)
+            .and_then(Weak::upgrade)
+            .filter(|c| !c.stopping());
+        let core = match running {
+            Some(core) if core.config == config => core,
+            Some(_) => {
+                return Err(JobsError::Config(format!(
+                    "{} is already served in this process by a jobs instance with another config",
+                    key.display()
+                ))
+                .into());
+            }
+            None => {
+                let core = Core::start(config).await?;
+                serving.retain(|_, w| w.strong_count() > 0);
+                serving.insert(key, Arc::downgrade(&core));
+                core
+            }
+        };
+        drop(serving);
+        core.shared.set_fallback(ctx.notifier.clone());
+        Ok(Arc::new(Self {
+            core,
+            notifier: ctx.notifier,
         }))
     }
 
     /// The address the API listens on (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.core.addr
     }
 
     /// The base URL of the API on the local address, e.g. `http://127.0.0.1:8089/`.
     pub fn local_url(&self) -> Url {
-        Url::parse(&format!("http://{}/", self.addr))
-            .unwrap_or_else(|_| self.shared.settings.public_url.clone())
+        Url::parse(&format!("http://{}/", self.core.addr))
+            .unwrap_or_else(|_| self.core.shared.settings.public_url.clone())
     }
 
-    /// Stops serving, lets in-flight writes commit, and releases the port and the database.
-    /// Later calls on this instance fail with a transient error. Idempotent.
+    /// Stops the server (for every instance sharing it), lets in-flight writes commit, and
+    /// waits until the port and the queue file are released. Later calls on these instances
+    /// fail with a transient error. Idempotent.
     pub async fn shutdown(&self) {
-        let _ = self.stop.send(true);
-        let tasks: Vec<_> = {
-            let mut t = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-            t.drain(..).collect()
-        };
-        let mut tasks = tasks.into_iter();
-        // Server and reaper first; then close the queue so the writer drains and exits.
-        for t in tasks.by_ref().take(2) {
-            let _ = t.await;
+        let _ = self.core.stop.send(true);
+        if let Some(done) = self.core.done.lock().await.take() {
+            let _ = done.await;
         }
-        self.shared.lock().close();
-        for t in tasks {
-            let _ = t.await;
-        }
-        self.shared.store.close().await;
     }
 
     fn refusal(r: Refusal) -> Error {
@@ -222,17 +319,21 @@ impl Distributor for JobsServer {
             poll_interval: None,
         };
         let req = task.request_id.as_str();
-        let _serial = self.run_lock.lock().await;
+        // Runs are serialised from the lookup until the new job is in the queue (not until it
+        // is committed), so two runs of one request id cannot both miss.
+        let serial = self.core.run_lock.lock().await;
         // Memory first, then the file: a job leaves memory only after its final row is
         // committed, so a request is always found in one of the two.
-        let known = self.shared.lock().by_request(req);
+        let known = self.core.shared.lock().by_request(req);
         let known = match known {
             Some(id) => Some(id),
-            None => self.shared.store.find_request(req).await?,
+            None => self.core.shared.store.find_request(req).await?,
         };
         if let Some(id) = known {
+            drop(serial);
             // Make sure the insert of a job found in memory is committed before answering.
-            self.shared
+            self.core
+                .shared
                 .apply(true, |_, _| Ok(()))
                 .await
                 .map_err(Self::refusal)?;
@@ -240,10 +341,13 @@ impl Distributor for JobsServer {
         }
         let now = now_ms();
         let payload_text = serde_json::to_string(&task.payload).map_err(JobsError::Payload)?;
-        let id = self
-            .shared
-            .apply(false, |q, fx| {
+        let shared = &self.core.shared;
+        let notifier = self.notifier.clone();
+        let id = shared
+            .apply(false, move |q, fx| {
                 let id = q.next_id();
+                // Route before the job can be claimed (and pushed about).
+                shared.route(id, notifier);
                 q.insert(
                     Job {
                         id,
@@ -273,6 +377,7 @@ impl Distributor for JobsServer {
                     },
                     fx,
                 );
+                drop(serial);
                 Ok(id)
             })
             .await
@@ -288,7 +393,8 @@ impl Distributor for JobsServer {
             return Ok(());
         };
         let now = now_ms();
-        self.shared
+        self.core
+            .shared
             .apply(false, |q, fx| {
                 q.cancel(id, now, fx);
                 Ok(())
@@ -304,7 +410,7 @@ impl Distributor for JobsServer {
         let Some(id) = token_id(execution) else {
             return Ok(missing(format!("`{}` is not a job id", execution.token)));
         };
-        let Some(view) = self.shared.store.view(id).await? else {
+        let Some(view) = self.core.shared.store.view(id).await? else {
             return Ok(missing(format!("no job {id}")));
         };
         if view.request_id != execution.request_id.as_str() {
@@ -315,7 +421,7 @@ impl Distributor for JobsServer {
 
     /// `<public_url>/status?job=<token>#job-<token>`: the job's entry on the status page.
     fn info_url(&self, execution: &Execution) -> Option<Url> {
-        let mut url = self.shared.settings.public_url.join("status").ok()?;
+        let mut url = self.core.shared.settings.public_url.join("status").ok()?;
         url.query_pairs_mut()
             .append_pair("job", execution.token.as_str());
         url.set_fragment(Some(&format!("job-{}", execution.token)));

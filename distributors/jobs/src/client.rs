@@ -87,6 +87,13 @@ impl WorkerClient {
         }
     }
 
+    /// A client of the server at the URL `base`, or `Protocol` if it is not a URL.
+    pub fn with_base(base: &str, token: &str) -> Result<Self, ClientError> {
+        let base = Url::parse(base)
+            .map_err(|e| ClientError::Protocol(format!("bad server URL `{base}`: {e}")))?;
+        Ok(Self::new(base, token))
+    }
+
     async fn post<B: Serialize, R: DeserializeOwned>(
         &self,
         path: &str,

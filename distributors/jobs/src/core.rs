@@ -1,7 +1,7 @@
 //! The server core shared by the HTTP handlers, the lease reaper and the `Distributor` impl:
 //! settings, the queue under its lock, the store, wake-ups for long polls and pushes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -43,8 +43,16 @@ pub(crate) struct Shared {
     queue: Mutex<Queue>,
     pub(crate) store: Store,
     pub(crate) wake: Notify,
-    notifier: Notifier,
+    routes: Mutex<Routes>,
     pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// Where pushes go: to the notifier of the instance that ran the job, else (jobs loaded from
+/// the file, or an instance that was dropped) to the newest instance's.
+#[derive(Debug)]
+struct Routes {
+    by_job: HashMap<i64, Notifier>,
+    fallback: Notifier,
 }
 
 impl Shared {
@@ -52,7 +60,6 @@ impl Shared {
         settings: Settings,
         queue: Queue,
         store: Store,
-        notifier: Notifier,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -60,9 +67,26 @@ impl Shared {
             queue: Mutex::new(queue),
             store,
             wake: Notify::new(),
-            notifier,
+            routes: Mutex::new(Routes {
+                by_job: HashMap::new(),
+                fallback: Notifier::detached(),
+            }),
             shutdown,
         }
+    }
+
+    fn routes(&self) -> MutexGuard<'_, Routes> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pushes about `job` go to `notifier` from now on.
+    pub(crate) fn route(&self, job: i64, notifier: Notifier) {
+        self.routes().by_job.insert(job, notifier);
+    }
+
+    /// Pushes without a live route go to `notifier` from now on.
+    pub(crate) fn set_fallback(&self, notifier: Notifier) {
+        self.routes().fallback = notifier;
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -130,7 +154,18 @@ impl Shared {
         n.attributes = attributes;
         n.sequence = u64::try_from(p.seq).ok();
         n.message_id = Some(format!("jobs-{}-{}", p.job, p.seq));
-        self.notifier.send(p.execution, n);
+        let finished = matches!(p.status, distributor_core::Status::Finished(_));
+        let mut routes = self.routes();
+        let routed = match routes.by_job.get(&p.job) {
+            Some(r) => r.send(p.execution, n.clone()),
+            None => false,
+        };
+        if !routed {
+            routes.fallback.send(p.execution, n);
+        }
+        if finished {
+            routes.by_job.remove(&p.job);
+        }
     }
 
     /// The lease reaper: ends lapsed leases until shutdown.
