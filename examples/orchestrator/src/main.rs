@@ -169,12 +169,20 @@ async fn main_async(cli: Cli) -> CmdResult {
         } => {
             let client = Client::new(&cli.server).map_err(|e| e.to_string())?;
             let reqs: Vec<(String, SubmitRequest)> = match (file, payload) {
-                (Some(f), None) => TaskFile::load(&f)
-                    .map_err(|e| e.to_string())?
-                    .task
-                    .iter()
-                    .map(|t| (t.name.clone(), SubmitRequest::from(t)))
-                    .collect(),
+                (Some(f), None) => {
+                    let tasks = TaskFile::load(&f).map_err(|e| e.to_string())?.task;
+                    for t in tasks.iter().filter(|t| t.cancel_after.is_some()) {
+                        eprintln!(
+                            "note: {}: `cancel_after` and `expect` apply only to \
+                             `orchestrator run`; use `orchestrator cancel` here",
+                            t.name
+                        );
+                    }
+                    tasks
+                        .iter()
+                        .map(|t| (t.name.clone(), SubmitRequest::from(t)))
+                        .collect()
+                }
                 (None, Some(p)) => {
                     let payload: Value =
                         serde_json::from_str(&p).map_err(|e| format!("--payload: {e}"))?;
@@ -401,14 +409,25 @@ fn kinds(registry: &Registry, json: bool) -> CmdResult {
             println!("  {what}:");
             let props = schema.get("properties").and_then(Value::as_object);
             for (name, p) in props.into_iter().flatten() {
-                let desc = p
-                    .get("description")
-                    .and_then(Value::as_str)
-                    .and_then(|d| d.split(". ").next())
-                    .unwrap_or("");
-                println!("    {name:<16} {}", desc.trim_end_matches('.'));
+                let desc =
+                    first_sentence(p.get("description").and_then(Value::as_str).unwrap_or(""));
+                println!("    {name:<16} {desc}");
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The first sentence of a doc comment, on one line.
+fn first_sentence(doc: &str) -> String {
+    let flat = doc.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut end = flat.len();
+    for (i, _) in flat.match_indices(". ") {
+        let before = &flat[..i];
+        if !(before.ends_with("e.g") || before.ends_with("i.e")) {
+            end = i;
+            break;
+        }
+    }
+    flat[..end].trim_end_matches('.').to_owned()
 }

@@ -5,7 +5,7 @@
 //! | `POST /v1/executions` | submit a task ([`SubmitRequest`]) → 201 `{id, url}` |
 //! | `GET /v1/executions/{id}` | one execution with its history |
 //! | `GET /v1/executions?state=a,b&distributor=d&label=k=v&task_id=&after=&limit=` | list |
-//! | `POST /v1/executions/{id}/cancel` | request cancellation (`{"reason"}` optional) → 202 |
+//! | `POST /v1/executions/{id}/cancel` | request cancellation (`{"reason"}` optional) of the task's current attempt → 202 |
 //! | `POST /v1/executions/{id}/poke` | poll the backend now → 202 |
 //! | `POST /v1/notify` | a push: Google Pub/Sub push JSON or plain JSON |
 //! | `GET /v1/kinds` | registered kinds, their config and payload schemas, configured names |
@@ -373,12 +373,20 @@ async fn cancel(
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let id = parse_id(&id)?;
+    let mut id = parse_id(&id)?;
     let req: CancelRequest = if body.iter().all(u8::is_ascii_whitespace) {
         CancelRequest::default()
     } else {
         parse_body(&body)?
     };
+    // Cancelling an attempt that was retried cancels the task's current attempt.
+    loop {
+        let rec = s.engine.get(id).await?;
+        match rec.retried_by {
+            Some(next) if rec.state.is_terminal() => id = next,
+            _ => break,
+        }
+    }
     s.engine
         .cancel(
             id,

@@ -99,3 +99,34 @@ async fn http_submit_runs_a_local_process_to_its_end() {
         "failure reasons on the page: {page}"
     );
 }
+
+#[tokio::test]
+async fn cancelling_a_retried_attempt_cancels_the_current_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = start(dir.path()).await;
+    let m = dir.path().join("marker");
+    let script = format!(
+        "if [ -e {0} ]; then sleep 30; else touch {0}; exit 1; fi",
+        m.display()
+    );
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{base}/v1/executions"))
+        .json(&json!({"distributor": "local", "payload": {"script": script}, "retries": 1}))
+        .send()
+        .await
+        .unwrap();
+    let first = r.json::<Value>().await.unwrap()["id"].as_u64().unwrap();
+    let failed = until_terminal(&base, first).await;
+    let second = failed["retried_by"].as_u64().expect("retried");
+    let r = http
+        .post(format!("{base}/v1/executions/{first}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["id"].as_u64(), Some(second), "{v}");
+    let done = until_terminal(&base, second).await;
+    assert_eq!(done["state"], "cancelled", "{done}");
+}
