@@ -814,3 +814,88 @@ async fn run_is_idempotent_and_unknown_tokens_are_missing() {
         })
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_releases_or_finishes_the_job_in_hand() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(config(&dir, "127.0.0.1:0", 5_000, 3)).await;
+
+    // Release: the handler is dropped and the job goes back to the queue, budget untouched.
+    let (started_tx, mut started_rx) = mpsc::unbounded_channel();
+    let handler = move |_job: JobContext| {
+        let started_tx = started_tx.clone();
+        async move {
+            let _ = started_tx.send(());
+            std::future::pending::<Result<Value, JobFailure>>().await
+        }
+    };
+    let worker = Worker::new(h.client("a"), vec!["t".into()], handler)
+        .on_shutdown(distributor_jobs::ShutdownPolicy::Release);
+    let (stop, w) = spawn_worker(worker);
+    let t = task(1, "t", Value::Null);
+    let e = execution(&t, &h.server.run(&t).await.unwrap());
+    started_rx.recv().await.unwrap();
+    let _ = stop.send(());
+    tokio::time::timeout(DEADLINE, w).await.unwrap().unwrap();
+    assert_eq!(h.server.status(&e).await.unwrap(), Status::Pending);
+
+    // Finish: a worker asked to stop mid-job completes it first.
+    let (started_tx, mut started_rx) = mpsc::unbounded_channel();
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    let go_rx = Arc::new(tokio::sync::Mutex::new(Some(go_rx)));
+    let handler = move |job: JobContext| {
+        let (started_tx, go_rx) = (started_tx.clone(), go_rx.clone());
+        async move {
+            let _ = started_tx.send(());
+            if let Some(rx) = go_rx.lock().await.take() {
+                let _ = rx.await;
+            }
+            Ok::<_, JobFailure>(json!({ "offer": job.job.offer }))
+        }
+    };
+    let (stop, w) = spawn_worker(Worker::new(h.client("b"), vec!["t".into()], handler));
+    started_rx.recv().await.unwrap();
+    let _ = stop.send(());
+    let _ = go_tx.send(());
+    tokio::time::timeout(DEADLINE, w).await.unwrap().unwrap();
+    assert_eq!(
+        h.server.status(&e).await.unwrap(),
+        Status::Finished(Outcome::Succeeded {
+            data: json!({ "offer": 1 })
+        })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_of_one_queue_file_share_a_server_and_another_config_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir, "127.0.0.1:0", 5_000, 3);
+    let one = start(cfg.clone()).await;
+    let mut two = start(cfg.clone()).await;
+    assert_eq!(one.server.local_addr(), two.server.local_addr());
+    // A job run through `two` pushes to `two`'s notifier.
+    let t = task(1, "t", Value::Null);
+    two.server.run(&t).await.unwrap();
+    let j = two
+        .client("a")
+        .claim(&claim_req(&["t"], 0))
+        .await
+        .unwrap()
+        .unwrap();
+    let (exec, n) = tokio::time::timeout(DEADLINE, two.pushes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (exec, n.attributes["job"].clone()),
+        (ExecutionId(1), j.id.to_string())
+    );
+
+    let mut other = cfg;
+    other.lease_ms = 1_000;
+    let err = JobsServer::start(other, BuildContext::detached("x"))
+        .await
+        .unwrap_err();
+    assert!(!err.is_transient());
+    assert!(err.to_string().contains("another config"), "{err}");
+}
