@@ -147,40 +147,14 @@ async fn write(conn: &mut SqliteConnection, batches: &[WriteBatch]) -> Result<()
         return Ok(());
     }
     let rows: Vec<&Job> = latest.into_values().collect();
+    if errors.is_empty() && rows.len() <= ROWS_PER_STATEMENT {
+        // One statement is atomic on its own: skip BEGIN/COMMIT (two round trips to the
+        // connection's thread) in the common case.
+        return upsert(&mut *conn, &rows).await;
+    }
     let mut tx = conn.begin().await?;
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::<Sqlite>::new(format!("INSERT INTO jobs ({COLUMNS}) "));
-        q.push_values(chunk, |mut b, j| {
-            b.push_bind(j.id)
-                .push_bind(j.request_id.to_string())
-                .push_bind(j.execution_id as i64)
-                .push_bind(j.task_type.to_string())
-                .push_bind(j.priority)
-                .push_bind(j.payload.to_string())
-                .push_bind(j.activation.to_string())
-                .push_bind(j.auth_token.to_string())
-                .push_bind(j.state.as_str())
-                .push_bind(j.cancel_requested)
-                .push_bind(j.worker.as_deref().map(str::to_owned))
-                .push_bind(j.lease_id.clone())
-                .push_bind(j.lease_gen)
-                .push_bind(j.lease_expires)
-                .push_bind(j.offers)
-                .push_bind(j.stage.clone())
-                .push_bind(j.progress)
-                .push_bind(j.message.clone())
-                .push_bind(
-                    j.outcome
-                        .as_ref()
-                        .and_then(|o| serde_json::to_string(o).ok()),
-                )
-                .push_bind(j.seq)
-                .push_bind(j.created_ms)
-                .push_bind(j.updated_ms)
-                .push_bind(j.heartbeat_ms);
-        });
-        q.push(UPDATE);
-        q.build().execute(&mut *tx).await?;
+        upsert(&mut tx, chunk).await?;
     }
     for chunk in errors.chunks(ROWS_PER_STATEMENT) {
         let mut q = QueryBuilder::<Sqlite>::new(
@@ -196,6 +170,42 @@ async fn write(conn: &mut SqliteConnection, batches: &[WriteBatch]) -> Result<()
         q.build().execute(&mut *tx).await?;
     }
     tx.commit().await
+}
+
+async fn upsert(conn: &mut SqliteConnection, chunk: &[&Job]) -> Result<(), sqlx::Error> {
+    let mut q = QueryBuilder::<Sqlite>::new(format!("INSERT INTO jobs ({COLUMNS}) "));
+    q.push_values(chunk, |mut b, j| {
+        b.push_bind(j.id)
+            .push_bind(j.request_id.to_string())
+            .push_bind(j.execution_id as i64)
+            .push_bind(j.task_type.to_string())
+            .push_bind(j.priority)
+            .push_bind(j.payload.to_string())
+            .push_bind(j.activation.to_string())
+            .push_bind(j.auth_token.to_string())
+            .push_bind(j.state.as_str())
+            .push_bind(j.cancel_requested)
+            .push_bind(j.worker.as_deref().map(str::to_owned))
+            .push_bind(j.lease_id.clone())
+            .push_bind(j.lease_gen)
+            .push_bind(j.lease_expires)
+            .push_bind(j.offers)
+            .push_bind(j.stage.clone())
+            .push_bind(j.progress)
+            .push_bind(j.message.clone())
+            .push_bind(
+                j.outcome
+                    .as_ref()
+                    .and_then(|o| serde_json::to_string(o).ok()),
+            )
+            .push_bind(j.seq)
+            .push_bind(j.created_ms)
+            .push_bind(j.updated_ms)
+            .push_bind(j.heartbeat_ms);
+    });
+    q.push(UPDATE);
+    q.build().execute(conn).await?;
+    Ok(())
 }
 
 /// A job as the status page and `status` see it (no secrets).
