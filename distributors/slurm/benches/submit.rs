@@ -1,6 +1,7 @@
 //! Submission cost: 200 trivial jobs through the adapter next to 200 `sbatch --wrap` from the
 //! CLI, interleaved (so both see the same cluster load and job-list size), then the time of one
-//! batched status poll of the 200 adapter jobs, then 200 adapter runs 8 at a time.
+//! batched status poll of the 200 adapter jobs, then 200 adapter runs 8 at a time. A third
+//! column submits the same job with a bare `POST /job/submit` (no idempotency lookup).
 //!
 //! Run with: `eval "$(scripts/engines/slurm.sh start)"; cargo bench -p distributor-slurm --bench submit`
 //! (`BENCH_JOBS=N` changes the count). Without `--bench` (as under `cargo test`) it does nothing.
@@ -84,6 +85,7 @@ fn main() -> ExitCode {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     let job_dir = std::env::var("SLURM_JOB_DIR").unwrap_or_else(|_| "/tmp".into());
+    let job_dir_raw = job_dir.clone();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -112,8 +114,22 @@ fn main() -> ExitCode {
             }
         };
         let payload = json!({ "argv": ["true"], "stdout": "/dev/null" });
+        // The bare REST submission the adapter makes after its idempotency lookup.
+        let http = reqwest::Client::new();
+        let submit_url = format!(
+            "{}/slurm/v0.0.38/job/submit",
+            std::env::var("SLURM_URL").unwrap_or_default().trim_end_matches('/')
+        );
+        let user = std::env::var("SLURM_USER").unwrap_or_default();
+        let jwt = std::env::var("SLURM_JWT").unwrap_or_default();
+        let body = json!({
+            "script": "#!/bin/sh\nexec true\n",
+            "job": { "name": "bench-raw", "environment": { "PATH": "/usr/bin:/bin" },
+                     "current_working_directory": job_dir_raw, "standard_output": "/dev/null" }
+        });
         let mut adapter = Duration::ZERO;
         let mut cli = Duration::ZERO;
+        let mut raw = Duration::ZERO;
         let mut execs = Vec::with_capacity(n);
         for _ in 0..n {
             let t = task(payload.clone());
@@ -135,6 +151,24 @@ fn main() -> ExitCode {
                 token: launch.token,
                 handle: AdapterHandle::default(),
             });
+
+            let start = Instant::now();
+            let reply = http
+                .post(&submit_url)
+                .header("X-SLURM-USER-NAME", &user)
+                .header("X-SLURM-USER-TOKEN", &jwt)
+                .json(&body)
+                .send()
+                .await;
+            let ok = match reply {
+                Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                Err(_) => false,
+            };
+            raw += start.elapsed();
+            if !ok {
+                eprintln!("raw REST submit failed");
+                return ExitCode::FAILURE;
+            }
 
             let start = Instant::now();
             // sbatch authenticates with munge; a SLURM_JWT in its environment would switch it
@@ -160,6 +194,15 @@ fn main() -> ExitCode {
             "  sbatch --wrap (CLI)          : {:8.1} ms total, {:6.2} ms/job",
             ms(cli),
             ms(cli) / n as f64
+        );
+        println!(
+            "  bare REST POST /job/submit   : {:8.1} ms total, {:6.2} ms/job",
+            ms(raw),
+            ms(raw) / n as f64
+        );
+        println!(
+            "  ratio bare REST/sbatch       : {:.2}",
+            raw.as_secs_f64() / cli.as_secs_f64()
         );
         println!(
             "  ratio adapter/sbatch         : {:.2}",
