@@ -107,6 +107,7 @@ async fn bench(n: usize, workers: usize) {
                     task_id: TaskId(i as u64 + 1),
                     attempt: Attempt(1),
                     request_id: RequestId::new(format!("bench-{i}")),
+                    redispatch: false,
                     distributor: DistributorName::new("bench"),
                     payload: json!({ "task_type": "noop", "input": i }),
                     previous: None,

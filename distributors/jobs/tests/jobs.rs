@@ -73,6 +73,7 @@ fn task(n: u64, task_type: &str, input: Value) -> TaskDescription {
         task_id: TaskId(n),
         attempt: Attempt(1),
         request_id: RequestId::new(format!("req-{n}")),
+        redispatch: false,
         distributor: DistributorName::new("jobs"),
         payload: json!({ "task_type": task_type, "input": input }),
         previous: None,
