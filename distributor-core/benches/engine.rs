@@ -48,7 +48,8 @@ async fn lifecycles(store: Arc<dyn Store>, n: usize, backend: &str) -> Duration 
         .build()
         .await
         .unwrap();
-    let workers = 64;
+    // 16 submitters, each submitting in chunks of 64 (as an orchestrator feeding a queue would).
+    let workers = 16;
     let t0 = Instant::now();
     let mut joins = Vec::new();
     for w in 0..workers {
@@ -56,8 +57,15 @@ async fn lifecycles(store: Arc<dyn Store>, n: usize, backend: &str) -> Duration 
         let per = n / workers + usize::from(w < n % workers);
         joins.push(tokio::spawn(async move {
             let mut ids = Vec::with_capacity(per);
-            for _ in 0..per {
-                ids.push(e.submit(Task::new("fake", json!({}))).await.unwrap());
+            let mut left = per;
+            while left > 0 {
+                let k = left.min(64);
+                left -= k;
+                ids.extend(
+                    e.submit_many(vec![Task::new("fake", json!({})); k])
+                        .await
+                        .unwrap(),
+                );
             }
             for id in ids {
                 let r = e.wait(id).await.unwrap();

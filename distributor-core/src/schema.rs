@@ -187,10 +187,11 @@ impl SchemaValidator {
                     if let Some(p) = n.get("additionalProperties").filter(|p| p.is_object()) {
                         next.push(p);
                     }
-                    if let Some(p) = n.get("items").filter(|p| p.is_object()) {
-                        if seg.parse::<usize>().is_ok() {
-                            next.push(p);
-                        }
+                    if let Some(p) = n
+                        .get("items")
+                        .filter(|p| p.is_object() && seg.parse::<usize>().is_ok())
+                    {
+                        next.push(p);
                     }
                 }
             }
@@ -217,10 +218,12 @@ impl SchemaValidator {
             if guard > 256 {
                 break;
             }
-            if let Some(r) = n.get("$ref").and_then(Value::as_str) {
-                if let Some(target) = r.strip_prefix('#').and_then(|p| self.schema.pointer(p)) {
-                    stack.push(target);
-                }
+            let target = n
+                .get("$ref")
+                .and_then(Value::as_str)
+                .and_then(|r| r.strip_prefix('#'));
+            if let Some(target) = target.and_then(|p| self.schema.pointer(p)) {
+                stack.push(target);
             }
             for key in ["anyOf", "oneOf", "allOf"] {
                 if let Some(branches) = n.get(key).and_then(Value::as_array) {

@@ -209,6 +209,12 @@ pub struct TaskDescription {
     pub attempt: Attempt,
     /// The idempotency key: `run` MUST start at most one piece of work per request id.
     pub request_id: RequestId,
+    /// False on the first `run` call for this request id; true when the engine repeats it
+    /// (after a transient error, or after a restart found the execution still dispatching), so
+    /// work may already exist. An adapter whose backend cannot dedupe cheaply MAY skip its
+    /// look-up for existing work when this is false; it MUST do the look-up when it is true.
+    #[serde(default)]
+    pub redispatch: bool,
     /// The distributor instance it runs on.
     pub distributor: DistributorName,
     /// The payload, already validated against the kind's payload schema.

@@ -89,10 +89,27 @@ async fn lifecycle_goes_through_every_state_with_history_and_events() {
     let id = e.submit(task("fake", json!({"pending_for_ms": 100, "run_for_ms": 500, "outcome": {"outcome": "succeeded", "data": {"x": 1}}}))).await.unwrap();
     let rec = e.wait(id).await.unwrap();
     assert_eq!(rec.state, State::Succeeded);
-    assert_eq!(rec.outcome, Some(Outcome::Succeeded { data: json!({"x": 1}) }));
+    assert_eq!(
+        rec.outcome,
+        Some(Outcome::Succeeded {
+            data: json!({"x": 1})
+        })
+    );
     let h = e.history(id).await.unwrap();
-    assert_eq!(states(&h), [State::Queued, State::Dispatching, State::Pending, State::Running, State::Succeeded]);
-    assert!(h.windows(2).all(|w| w[0].version < w[1].version), "versions increase: {h:?}");
+    assert_eq!(
+        states(&h),
+        [
+            State::Queued,
+            State::Dispatching,
+            State::Pending,
+            State::Running,
+            State::Succeeded
+        ]
+    );
+    assert!(
+        h.windows(2).all(|w| w[0].version < w[1].version),
+        "versions increase: {h:?}"
+    );
     let mut seen = Vec::new();
     while let Ok(ev) = events.try_recv() {
         seen.push(match ev {
@@ -113,9 +130,17 @@ async fn submit_rejects_unknown_distributors_and_bad_payloads() {
     let err = e.submit(task("fkae", json!({}))).await.unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::UnknownDistributor { .. }), "{err}");
-    assert!(msg.contains("did you mean `fake`") && msg.contains("`poller`"), "{msg}");
-    let err = e.submit(task("fake", json!({"run_for_ms": "soon", "pushs": "drop"}))).await.unwrap_err();
-    let Error::Validation(v) = err else { panic!("{err}") };
+    assert!(
+        msg.contains("did you mean `fake`") && msg.contains("`poller`"),
+        "{msg}"
+    );
+    let err = e
+        .submit(task("fake", json!({"run_for_ms": "soon", "pushs": "drop"})))
+        .await
+        .unwrap_err();
+    let Error::Validation(v) = err else {
+        panic!("{err}")
+    };
     let pointers: Vec<_> = v.violations.iter().map(|v| v.pointer.as_str()).collect();
     assert_eq!(pointers, ["/pushs", "/run_for_ms"], "{v}");
     assert_eq!(v.violations[0].suggestion.as_deref(), Some("pushes"));
@@ -127,72 +152,158 @@ async fn submit_rejects_unknown_distributors_and_bad_payloads() {
 #[tokio::test(start_paused = true)]
 async fn lost_pushes_are_found_by_polling() {
     let (e, fake, _) = engine("lost-pushes").await;
-    let id = e.submit(task("fake", json!({"run_for_ms": 1000, "pushes": "drop"}))).await.unwrap();
+    let id = e
+        .submit(task("fake", json!({"run_for_ms": 1000, "pushes": "drop"})))
+        .await
+        .unwrap();
     let rec = e.wait(id).await.unwrap();
     assert_eq!(rec.state, State::Succeeded);
     let h = e.history(id).await.unwrap();
-    assert_eq!(h.last().unwrap().actor, Actor::Timer, "found by a poll: {h:?}");
-    assert!(fake.calls().iter().any(|c| matches!(c, Call::Status { .. } | Call::StatusBatch { .. })));
+    assert_eq!(
+        h.last().unwrap().actor,
+        Actor::Timer,
+        "found by a poll: {h:?}"
+    );
+    assert!(
+        fake.calls()
+            .iter()
+            .any(|c| matches!(c, Call::Status { .. } | Call::StatusBatch { .. }))
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn pull_only_distributors_are_polled_at_their_hint() {
     let (e, _, _) = engine("pull-only").await;
-    let id = e.submit(task("poller", json!({"pending_for_ms": 500, "run_for_ms": 2500}))).await.unwrap();
+    let id = e
+        .submit(task(
+            "poller",
+            json!({"pending_for_ms": 500, "run_for_ms": 2500}),
+        ))
+        .await
+        .unwrap();
     let rec = e.wait(id).await.unwrap();
     assert_eq!(rec.state, State::Succeeded);
     assert_eq!(rec.poll_interval, Some(Duration::from_secs(1)));
     let h = e.history(id).await.unwrap();
-    assert_eq!(states(&h), [State::Queued, State::Dispatching, State::Pending, State::Running, State::Succeeded]);
+    assert_eq!(
+        states(&h),
+        [
+            State::Queued,
+            State::Dispatching,
+            State::Pending,
+            State::Running,
+            State::Succeeded
+        ]
+    );
     // Finished at 3 s of work; the hint is 1 s, so it is seen within one interval of that.
     let finished = h.last().unwrap().at;
     let created = h.first().unwrap().at;
-    assert!(created.until(finished) <= Duration::from_millis(4100), "{:?}", created.until(finished));
+    assert!(
+        created.until(finished) <= Duration::from_millis(4100),
+        "{:?}",
+        created.until(finished)
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn duplicated_and_reordered_pushes_never_regress_state() {
     let (e, fake, _) = engine("dup-reorder").await;
     for mode in ["duplicate", "reorder"] {
-        let id = e.submit(task("fake", json!({"run_for_ms": 100, "pushes": mode}))).await.unwrap();
+        let id = e
+            .submit(task("fake", json!({"run_for_ms": 100, "pushes": mode})))
+            .await
+            .unwrap();
         let rec = e.wait(id).await.unwrap();
         assert_eq!(rec.state, State::Succeeded, "{mode}");
         let h = e.history(id).await.unwrap();
         let terminal_at = h.iter().position(|e| e.to.is_terminal()).unwrap();
-        assert_eq!(terminal_at, h.len() - 1, "{mode}: nothing after terminal: {h:?}");
-        until("the late pushes to be delivered", || async { fake.pushes().iter().filter(|(x, _)| *x == id).count() >= 2 }).await;
+        assert_eq!(
+            terminal_at,
+            h.len() - 1,
+            "{mode}: nothing after terminal: {h:?}"
+        );
+        until("the late pushes to be delivered", || async {
+            fake.pushes().iter().filter(|(x, _)| *x == id).count() >= 2
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(e.get(id).await.unwrap().version, rec.version, "{mode}: late pushes changed the record");
+        assert_eq!(
+            e.get(id).await.unwrap().version,
+            rec.version,
+            "{mode}: late pushes changed the record"
+        );
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn late_stale_and_replayed_pushes_are_rejected_and_change_nothing() {
     let (e, fake, _) = engine("stale").await;
-    let id = e.submit(task("fake", json!({"run_for_ms": 1000, "outcome": {"outcome": "succeeded"}}))).await.unwrap();
-    until("the running push", || async { e.get(id).await.unwrap().state == State::Running }).await;
-    let pushes: Vec<Notification> = fake.pushes().into_iter().filter(|(x, _)| *x == id).map(|(_, n)| n).collect();
+    let id = e
+        .submit(task(
+            "fake",
+            json!({"run_for_ms": 1000, "outcome": {"outcome": "succeeded"}}),
+        ))
+        .await
+        .unwrap();
+    until("the running push", || async {
+        e.get(id).await.unwrap().state == State::Running
+    })
+    .await;
+    let pushes: Vec<Notification> = fake
+        .pushes()
+        .into_iter()
+        .filter(|(x, _)| *x == id)
+        .map(|(_, n)| n)
+        .collect();
     let running = pushes[0].clone();
     let before = e.get(id).await.unwrap();
     let err = e.notify(id, running.clone()).await.unwrap_err();
-    assert!(matches!(err, Error::NotificationRejected(NotificationRejection::Stale)), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::NotificationRejected(NotificationRejection::Stale)
+        ),
+        "{err}"
+    );
     assert_eq!(e.get(id).await.unwrap().version, before.version);
     e.wait(id).await.unwrap();
     let err = e.notify(id, running).await.unwrap_err();
-    assert!(matches!(err, Error::NotificationRejected(NotificationRejection::Terminal)), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::NotificationRejected(NotificationRejection::Terminal)
+        ),
+        "{err}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn forged_expired_and_misdirected_tokens_are_rejected() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let settings = Settings { token_ttl: Duration::from_secs(60), ..Settings::default() };
-    let e = Engine::builder().registry(registry()).distributors(config("tokens")).store_arc(store).settings(settings).build().await.unwrap();
+    let settings = Settings {
+        token_ttl: Duration::from_secs(60),
+        ..Settings::default()
+    };
+    let e = Engine::builder()
+        .registry(registry())
+        .distributors(config("tokens"))
+        .store_arc(store)
+        .settings(settings)
+        .build()
+        .await
+        .unwrap();
     let fake = FakeBackend::named("tokens");
     let a = e.submit(task("fake", json!({"hang": true}))).await.unwrap();
     let b = e.submit(task("fake", json!({"hang": true}))).await.unwrap();
     until("both running", || async { fake.pushes().len() >= 2 }).await;
     let token_of = |id: ExecutionId| {
-        fake.pushes().into_iter().find(|(x, _)| *x == id).unwrap().1.attributes["auth_token"].clone()
+        fake.pushes()
+            .into_iter()
+            .find(|(x, _)| *x == id)
+            .unwrap()
+            .1
+            .attributes["auth_token"]
+            .clone()
     };
     let reject = |n: Notification, id| {
         let e = e.clone();
@@ -204,18 +315,38 @@ async fn forged_expired_and_misdirected_tokens_are_rejected() {
         }
     };
     let with_token = |t: &str, seq: u64| {
-        let mut n = Notification::json(&serde_json::to_value(Status::Finished(Outcome::Succeeded { data: json!("forged") })).unwrap());
+        let mut n = Notification::json(
+            &serde_json::to_value(Status::Finished(Outcome::Succeeded {
+                data: json!("forged"),
+            }))
+            .unwrap(),
+        );
         n.attributes.insert("auth_token".into(), t.into());
         n.sequence = Some(seq);
         n
     };
     let before = e.get(a).await.unwrap().version;
-    assert_eq!(reject(Notification::default(), a).await, NotificationRejection::MissingToken);
-    assert_eq!(reject(with_token("v1.1.99999999999999.00ff", 9), a).await, NotificationRejection::Forged);
-    assert_eq!(reject(with_token(&token_of(b), 9), a).await, NotificationRejection::WrongExecution);
-    assert_eq!(reject(with_token(&token_of(a), 9), ExecutionId(999)).await, NotificationRejection::WrongExecution);
+    assert_eq!(
+        reject(Notification::default(), a).await,
+        NotificationRejection::MissingToken
+    );
+    assert_eq!(
+        reject(with_token("v1.1.99999999999999.00ff", 9), a).await,
+        NotificationRejection::Forged
+    );
+    assert_eq!(
+        reject(with_token(&token_of(b), 9), a).await,
+        NotificationRejection::WrongExecution
+    );
+    assert_eq!(
+        reject(with_token(&token_of(a), 9), ExecutionId(999)).await,
+        NotificationRejection::WrongExecution
+    );
     tokio::time::sleep(Duration::from_secs(61)).await;
-    assert_eq!(reject(with_token(&token_of(a), 9), a).await, NotificationRejection::Expired);
+    assert_eq!(
+        reject(with_token(&token_of(a), 9), a).await,
+        NotificationRejection::Expired
+    );
     let after = e.get(a).await.unwrap();
     assert_eq!(after.state, State::Running);
     assert_eq!(after.version, before, "a rejected push changed the record");
@@ -224,20 +355,36 @@ async fn forged_expired_and_misdirected_tokens_are_rejected() {
 #[tokio::test(start_paused = true)]
 async fn transient_run_errors_are_retried_then_succeed_once() {
     let (e, fake, _) = engine("transient").await;
-    let id = e.submit(task("fake", json!({"transient_run_errors": 3}))).await.unwrap();
+    let id = e
+        .submit(task("fake", json!({"transient_run_errors": 3})))
+        .await
+        .unwrap();
     let rec = e.wait(id).await.unwrap();
     assert_eq!(rec.state, State::Succeeded);
     assert_eq!(fake.starts(&rec.request_id), 1);
-    let runs = fake.calls().iter().filter(|c| matches!(c, Call::Run { execution_id, .. } if *execution_id == id)).count();
+    let runs = fake
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, Call::Run { execution_id, .. } if *execution_id == id))
+        .count();
     assert_eq!(runs, 4);
-    let notes = e.history(id).await.unwrap().into_iter().filter(|h| h.reason.contains("transiently")).count();
+    let notes = e
+        .history(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|h| h.reason.contains("transiently"))
+        .count();
     assert_eq!(notes, 3);
 }
 
 #[tokio::test(start_paused = true)]
 async fn too_many_transient_run_errors_end_rejected() {
     let (e, _, _) = engine("transient-forever").await;
-    let id = e.submit(task("fake", json!({"transient_run_errors": 1000}))).await.unwrap();
+    let id = e
+        .submit(task("fake", json!({"transient_run_errors": 1000})))
+        .await
+        .unwrap();
     let rec = e.wait(id).await.unwrap();
     assert_eq!(kind_of(&rec), Some(AbnormalKind::Rejected));
     assert!(format!("{:?}", rec.outcome).contains("gave up after 10 transient run errors"));
@@ -246,10 +393,19 @@ async fn too_many_transient_run_errors_end_rejected() {
 #[tokio::test(start_paused = true)]
 async fn permanent_run_error_is_rejected_with_its_text() {
     let (e, _, _) = engine("permanent").await;
-    let id = e.submit(task("fake", json!({"permanent_run_error": "partition gpu does not exist"}))).await.unwrap();
+    let id = e
+        .submit(task(
+            "fake",
+            json!({"permanent_run_error": "partition gpu does not exist"}),
+        ))
+        .await
+        .unwrap();
     let rec = e.wait(id).await.unwrap();
     match rec.outcome {
-        Some(Outcome::Abnormal { kind: AbnormalKind::Rejected, reason }) => assert!(reason.contains("partition gpu does not exist"), "{reason}"),
+        Some(Outcome::Abnormal {
+            kind: AbnormalKind::Rejected,
+            reason,
+        }) => assert!(reason.contains("partition gpu does not exist"), "{reason}"),
         other => panic!("{other:?}"),
     }
 }
@@ -257,7 +413,10 @@ async fn permanent_run_error_is_rejected_with_its_text() {
 #[tokio::test(start_paused = true)]
 async fn retryable_outcomes_start_new_attempts_within_the_per_kind_budget() {
     let (e, fake, _) = engine("retries").await;
-    let mut t = task("fake", json!({"run_for_ms": 10, "outcome": {"outcome": "abnormal", "kind": "failed", "reason": "exit 1"}}));
+    let mut t = task(
+        "fake",
+        json!({"run_for_ms": 10, "outcome": {"outcome": "abnormal", "kind": "failed", "reason": "exit 1"}}),
+    );
     t.retry = RetryPolicy::attempts(5);
     t.retry.per_kind.insert(AbnormalKind::Failed, 2);
     let id = e.submit(t).await.unwrap();
@@ -265,14 +424,27 @@ async fn retryable_outcomes_start_new_attempts_within_the_per_kind_budget() {
     assert_eq!(last.attempt, Attempt(3), "1 try + 2 retries of Failed");
     assert_eq!(kind_of(&last), Some(AbnormalKind::Failed));
     assert_eq!(last.task_id, TaskId(id.0));
-    assert_eq!(last.previous.as_ref().and_then(Outcome::abnormal_kind), Some(AbnormalKind::Failed));
-    let all = e.list(&ListFilter { task_id: Some(TaskId(id.0)), ..Default::default() }).await.unwrap();
+    assert_eq!(
+        last.previous.as_ref().and_then(Outcome::abnormal_kind),
+        Some(AbnormalKind::Failed)
+    );
+    let all = e
+        .list(&ListFilter {
+            task_id: Some(TaskId(id.0)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(all.len(), 3);
-    let request_ids: std::collections::HashSet<_> = all.iter().map(|r| r.request_id.clone()).collect();
+    let request_ids: std::collections::HashSet<_> =
+        all.iter().map(|r| r.request_id.clone()).collect();
     assert_eq!(request_ids.len(), 3, "each attempt has its own request id");
     assert!(all.iter().all(|r| fake.starts(&r.request_id) == 1));
     // Non-retryable kinds are never retried.
-    let mut t = task("fake", json!({"outcome": {"outcome": "abnormal", "kind": "result_malformed"}}));
+    let mut t = task(
+        "fake",
+        json!({"outcome": {"outcome": "abnormal", "kind": "result_malformed"}}),
+    );
     t.retry = RetryPolicy::attempts(5);
     let id = e.submit(t).await.unwrap();
     assert_eq!(e.wait_task(id).await.unwrap().attempt, Attempt(1));
@@ -286,7 +458,12 @@ async fn start_deadline_expires_stuck_pending_work_and_cancels_it() {
     let id = e.submit(t).await.unwrap();
     let rec = e.wait(id).await.unwrap();
     assert_eq!(kind_of(&rec), Some(AbnormalKind::Expired));
-    assert!(fake.calls().iter().any(|c| matches!(c, Call::Cancel { .. })), "the stuck work was cancelled");
+    assert!(
+        fake.calls()
+            .iter()
+            .any(|c| matches!(c, Call::Cancel { .. })),
+        "the stuck work was cancelled"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -296,44 +473,92 @@ async fn run_deadline_times_out_and_stops_the_work() {
     t.timeouts.run = Some(Duration::from_secs(5));
     let id = e.submit(t).await.unwrap();
     let rec = e.wait(id).await.unwrap();
-    assert_eq!(kind_of(&rec), Some(AbnormalKind::TimedOut), "{:?}", rec.outcome);
-    assert!(fake.calls().iter().any(|c| matches!(c, Call::Cancel { .. })));
+    assert_eq!(
+        kind_of(&rec),
+        Some(AbnormalKind::TimedOut),
+        "{:?}",
+        rec.outcome
+    );
+    assert!(
+        fake.calls()
+            .iter()
+            .any(|c| matches!(c, Call::Cancel { .. }))
+    );
     assert_eq!(rec.cancel, Some(CancelCause::RunTimeout));
 }
 
 #[tokio::test(start_paused = true)]
 async fn cancel_of_pending_running_finished_and_unknown() {
     let (e, fake, _) = engine("cancel").await;
-    let pending = e.submit(task("fake", json!({"pending_for_ms": 3_600_000}))).await.unwrap();
+    let pending = e
+        .submit(task("fake", json!({"pending_for_ms": 3_600_000})))
+        .await
+        .unwrap();
     let running = e.submit(task("fake", json!({"hang": true}))).await.unwrap();
-    until("running", || async { e.get(running).await.unwrap().state == State::Running }).await;
-    until("pending", || async { e.get(pending).await.unwrap().state == State::Pending }).await;
+    until("running", || async {
+        e.get(running).await.unwrap().state == State::Running
+    })
+    .await;
+    until("pending", || async {
+        e.get(pending).await.unwrap().state == State::Pending
+    })
+    .await;
     for id in [pending, running] {
         e.cancel(id, "not needed").await.unwrap();
         e.cancel(id, "twice is fine").await.unwrap();
         let rec = e.wait(id).await.unwrap();
-        assert_eq!(kind_of(&rec), Some(AbnormalKind::Cancelled), "{:?}", rec.outcome);
+        assert_eq!(
+            kind_of(&rec),
+            Some(AbnormalKind::Cancelled),
+            "{:?}",
+            rec.outcome
+        );
         assert!(states(&e.history(id).await.unwrap()).contains(&State::Cancelling));
     }
-    assert_eq!(fake.calls().iter().filter(|c| matches!(c, Call::Cancel { .. })).count(), 2, "one cancel call each");
+    assert_eq!(
+        fake.calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Cancel { .. }))
+            .count(),
+        2,
+        "one cancel call each"
+    );
     // Finished: Ok, nothing changes.
     let done = e.submit(task("fake", json!({}))).await.unwrap();
     let rec = e.wait(done).await.unwrap();
     e.cancel(done, "too late").await.unwrap();
     assert_eq!(e.get(done).await.unwrap(), rec);
     // Unknown: a typed error.
-    assert!(matches!(e.cancel(ExecutionId(4242), "x").await, Err(Error::UnknownExecution(ExecutionId(4242)))));
+    assert!(matches!(
+        e.cancel(ExecutionId(4242), "x").await,
+        Err(Error::UnknownExecution(ExecutionId(4242)))
+    ));
 }
 
 #[tokio::test(start_paused = true)]
 async fn cancel_with_transient_errors_is_retried() {
     let (e, fake, _) = engine("cancel-transient").await;
-    let id = e.submit(task("fake", json!({"hang": true, "cancel_transient_errors": 2}))).await.unwrap();
-    until("running", || async { e.get(id).await.unwrap().state == State::Running }).await;
+    let id = e
+        .submit(task(
+            "fake",
+            json!({"hang": true, "cancel_transient_errors": 2}),
+        ))
+        .await
+        .unwrap();
+    until("running", || async {
+        e.get(id).await.unwrap().state == State::Running
+    })
+    .await;
     e.cancel(id, "stop").await.unwrap();
     let rec = e.wait(id).await.unwrap();
     assert_eq!(kind_of(&rec), Some(AbnormalKind::Cancelled));
-    assert_eq!(fake.calls().iter().filter(|c| matches!(c, Call::Cancel { .. })).count(), 3);
+    assert_eq!(
+        fake.calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Cancel { .. }))
+            .count(),
+        3
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -342,16 +567,28 @@ async fn cancel_unconfirmed_by_its_deadline_ends_cancelled_with_a_reason() {
     let mut t = task("fake", json!({"hang": true, "ignore_cancel": true}));
     t.timeouts.stop = Some(Duration::from_secs(5));
     let id = e.submit(t).await.unwrap();
-    until("running", || async { e.get(id).await.unwrap().state == State::Running }).await;
+    until("running", || async {
+        e.get(id).await.unwrap().state == State::Running
+    })
+    .await;
     let mut events = e.subscribe();
     let t0 = e.clock().now();
     e.cancel(id, "operator").await.unwrap();
     let rec = e.wait(id).await.unwrap();
-    let Some(Outcome::Abnormal { kind: AbnormalKind::Cancelled, reason }) = &rec.outcome else { panic!("{:?}", rec.outcome) };
+    let Some(Outcome::Abnormal {
+        kind: AbnormalKind::Cancelled,
+        reason,
+    }) = &rec.outcome
+    else {
+        panic!("{:?}", rec.outcome)
+    };
     assert!(reason.contains("not confirmed stopped"), "{reason}");
     // Stop timeout (5 s) + 3 more polls 30 s apart, as DM.
     let waited = t0.until(rec.updated_at);
-    assert!(waited >= Duration::from_secs(95) && waited < Duration::from_secs(100), "{waited:?}");
+    assert!(
+        waited >= Duration::from_secs(95) && waited < Duration::from_secs(100),
+        "{waited:?}"
+    );
     let mut finished = false;
     while let Ok(ev) = events.try_recv() {
         finished |= matches!(ev, Event::Finished { id: x, .. } if x == id);
@@ -365,15 +602,35 @@ async fn crash_while_running_reattaches_and_finishes() {
     let clock = Clock::new();
     let fake = FakeBackend::named("crash-running");
     let e1 = engine_on("crash-running", store.clone(), clock).await;
-    let id = e1.submit(task("fake", json!({"run_for_ms": 60_000, "outcome": {"outcome": "succeeded", "data": "ok"}}))).await.unwrap();
-    until("running", || async { e1.get(id).await.unwrap().state == State::Running }).await;
+    let id = e1
+        .submit(task(
+            "fake",
+            json!({"run_for_ms": 60_000, "outcome": {"outcome": "succeeded", "data": "ok"}}),
+        ))
+        .await
+        .unwrap();
+    until("running", || async {
+        e1.get(id).await.unwrap().state == State::Running
+    })
+    .await;
     drop(e1); // crash: no shutdown
     let e2 = engine_on("crash-running", store.clone(), clock).await;
     let rec = e2.wait(id).await.unwrap();
     assert_eq!(rec.outcome, Some(Outcome::Succeeded { data: json!("ok") }));
-    assert!(fake.calls().iter().any(|c| matches!(c, Call::Recover { .. })), "re-attached through recover");
+    assert!(
+        fake.calls()
+            .iter()
+            .any(|c| matches!(c, Call::Recover { .. })),
+        "re-attached through recover"
+    );
     assert_eq!(fake.starts(&rec.request_id), 1);
-    assert!(e2.history(id).await.unwrap().iter().any(|h| h.actor == Actor::Recovery || h.actor == Actor::Notification));
+    assert!(
+        e2.history(id)
+            .await
+            .unwrap()
+            .iter()
+            .any(|h| h.actor == Actor::Recovery || h.actor == Actor::Notification)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -383,7 +640,10 @@ async fn graceful_shutdown_then_restart_keeps_everything() {
     let e1 = engine_on("graceful", store.clone(), clock).await;
     let ids: Vec<_> = futures_ids(&e1, 5, json!({"run_for_ms": 10_000})).await;
     e1.shutdown().await;
-    assert!(matches!(e1.submit(task("fake", json!({}))).await, Err(Error::Shutdown)));
+    assert!(matches!(
+        e1.submit(task("fake", json!({}))).await,
+        Err(Error::Shutdown)
+    ));
     let e2 = engine_on("graceful", store, clock).await;
     for id in ids {
         assert_eq!(e2.wait(id).await.unwrap().state, State::Succeeded);
@@ -402,18 +662,28 @@ async fn futures_ids(e: &Engine, n: usize, script: Value) -> Vec<ExecutionId> {
 async fn config_reload_keeps_in_flight_snapshots() {
     let (e, old, _) = engine("reload-old").await;
     let mut events = e.subscribe();
-    let before = e.submit(task("fake", json!({"run_for_ms": 5_000}))).await.unwrap();
+    let before = e
+        .submit(task("fake", json!({"run_for_ms": 5_000})))
+        .await
+        .unwrap();
     let snapshot = e.get(before).await.unwrap().config_hash;
     e.reload_config(config("reload-new")).await.unwrap();
     let after = e.submit(task("fake", json!({}))).await.unwrap();
     let a = e.wait(after).await.unwrap();
     let b = e.wait(before).await.unwrap();
     assert_eq!(b.state, State::Succeeded);
-    assert_eq!(b.config_hash, snapshot, "in-flight execution kept its snapshot");
+    assert_eq!(
+        b.config_hash, snapshot,
+        "in-flight execution kept its snapshot"
+    );
     assert_ne!(a.config_hash, snapshot);
     assert_eq!(old.starts(&b.request_id), 1);
     assert_eq!(FakeBackend::named("reload-new").starts(&a.request_id), 1);
-    assert_eq!(old.starts(&a.request_id), 0, "new work went to the new config");
+    assert_eq!(
+        old.starts(&a.request_id),
+        0,
+        "new work went to the new config"
+    );
     let mut reloaded = false;
     while let Ok(ev) = events.try_recv() {
         reloaded |= matches!(ev, Event::ConfigReloaded { .. });
@@ -424,23 +694,57 @@ async fn config_reload_keeps_in_flight_snapshots() {
 #[tokio::test(start_paused = true)]
 async fn poke_polls_now() {
     let (e, fake, _) = engine("poke").await;
-    let id = e.submit(task("poller", json!({"hang": true}))).await.unwrap();
-    until("pending", || async { e.get(id).await.unwrap().token.is_some() }).await;
+    let id = e
+        .submit(task("poller", json!({"hang": true})))
+        .await
+        .unwrap();
+    until("pending", || async {
+        e.get(id).await.unwrap().token.is_some()
+    })
+    .await;
     let token = e.get(id).await.unwrap().token.unwrap();
-    fake.finish(&token, Outcome::Succeeded { data: json!("by hand") });
+    fake.finish(
+        &token,
+        Outcome::Succeeded {
+            data: json!("by hand"),
+        },
+    );
     e.poke(id).await.unwrap();
     let rec = e.wait(id).await.unwrap();
-    assert_eq!(rec.outcome, Some(Outcome::Succeeded { data: json!("by hand") }));
-    assert!(matches!(e.poke(ExecutionId(999)).await, Err(Error::UnknownExecution(_))));
+    assert_eq!(
+        rec.outcome,
+        Some(Outcome::Succeeded {
+            data: json!("by hand")
+        })
+    );
+    assert!(matches!(
+        e.poke(ExecutionId(999)).await,
+        Err(Error::UnknownExecution(_))
+    ));
 }
 
 #[tokio::test(start_paused = true)]
 async fn forgotten_work_is_missing_and_crashed_work_is_crashed() {
     let (e, _, _) = engine("missing").await;
-    let id = e.submit(task("fake", json!({"run_for_ms": 100, "pushes": "drop", "forget": true}))).await.unwrap();
-    assert_eq!(kind_of(&e.wait(id).await.unwrap()), Some(AbnormalKind::Missing));
-    let id = e.submit(task("fake", json!({"run_for_ms": 100, "crash": true}))).await.unwrap();
-    assert_eq!(kind_of(&e.wait(id).await.unwrap()), Some(AbnormalKind::Crashed));
+    let id = e
+        .submit(task(
+            "fake",
+            json!({"run_for_ms": 100, "pushes": "drop", "forget": true}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        kind_of(&e.wait(id).await.unwrap()),
+        Some(AbnormalKind::Missing)
+    );
+    let id = e
+        .submit(task("fake", json!({"run_for_ms": 100, "crash": true})))
+        .await
+        .unwrap();
+    assert_eq!(
+        kind_of(&e.wait(id).await.unwrap()),
+        Some(AbnormalKind::Crashed)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -451,14 +755,23 @@ async fn list_filters_by_state_label_and_distributor() {
     let red = e.submit(t).await.unwrap();
     let blue = e.submit(task("poller", json!({}))).await.unwrap();
     e.wait(blue).await.unwrap();
-    until("running", || async { e.get(red).await.unwrap().state == State::Running }).await;
+    until("running", || async {
+        e.get(red).await.unwrap().state == State::Running
+    })
+    .await;
     let ids = |v: Vec<ExecutionRecord>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
     let mut f = ListFilter::default();
     f.labels.insert("team".into(), "red".into());
     assert_eq!(ids(e.list(&f).await.unwrap()), [red]);
-    let f = ListFilter { states: vec![State::Succeeded], ..Default::default() };
+    let f = ListFilter {
+        states: vec![State::Succeeded],
+        ..Default::default()
+    };
     assert_eq!(ids(e.list(&f).await.unwrap()), [blue]);
-    let f = ListFilter { distributor: Some("poller".into()), ..Default::default() };
+    let f = ListFilter {
+        distributor: Some("poller".into()),
+        ..Default::default()
+    };
     assert_eq!(ids(e.list(&f).await.unwrap()), [blue]);
 }
 
@@ -483,16 +796,39 @@ async fn crash_between_intent_and_dispatch_starts_the_work_exactly_once() {
     // The first run call fails transiently, so the execution sits in Dispatching with its
     // request id stored; the engine "crashes" before retrying.
     let e1 = sqlite_engine("crash-intent", &db).await;
-    let id = e1.submit(task("fake", json!({"transient_run_errors": 1, "run_for_ms": 50}))).await.unwrap();
-    until("the first run call", || async { fake.calls().iter().any(|c| matches!(c, Call::Run { execution_id, .. } if *execution_id == id)) }).await;
+    let id = e1
+        .submit(task(
+            "fake",
+            json!({"transient_run_errors": 1, "run_for_ms": 50}),
+        ))
+        .await
+        .unwrap();
+    until("the first run call", || async {
+        fake.calls()
+            .iter()
+            .any(|c| matches!(c, Call::Run { execution_id, .. } if *execution_id == id))
+    })
+    .await;
     let request_id = e1.get(id).await.unwrap().request_id;
     drop(e1);
     let e2 = sqlite_engine("crash-intent", &db).await;
-    let rec = tokio::time::timeout(Duration::from_secs(20), e2.wait(id)).await.expect("finished").unwrap();
+    let rec = tokio::time::timeout(Duration::from_secs(20), e2.wait(id))
+        .await
+        .expect("finished")
+        .unwrap();
     assert_eq!(rec.state, State::Succeeded);
-    assert_eq!(rec.request_id, request_id, "re-dispatched with the same request id");
+    assert_eq!(
+        rec.request_id, request_id,
+        "re-dispatched with the same request id"
+    );
     assert_eq!(fake.starts(&request_id), 1);
-    assert!(e2.history(id).await.unwrap().iter().any(|h| h.actor == Actor::Recovery));
+    assert!(
+        e2.history(id)
+            .await
+            .unwrap()
+            .iter()
+            .any(|h| h.actor == Actor::Recovery)
+    );
 }
 
 #[tokio::test]
@@ -501,32 +837,56 @@ async fn crash_after_the_backend_started_but_before_the_launch_was_recorded() {
     let db = dir.path().join("engine.db");
     let fake = FakeBackend::named("crash-launch");
     let e1 = sqlite_engine("crash-launch", &db).await;
-    let id = e1.submit(task("fake", json!({"transient_run_errors": 1, "run_for_ms": 50}))).await.unwrap();
+    let id = e1
+        .submit(task(
+            "fake",
+            json!({"transient_run_errors": 1, "run_for_ms": 50}),
+        ))
+        .await
+        .unwrap();
     until("the first run call", || async { !fake.calls().is_empty() }).await;
     let rec = e1.get(id).await.unwrap();
     drop(e1);
     // The backend really started the work for this request id (the second run call succeeds),
     // but the engine died before it could record the launch.
     let kind = registry().kind("fake").unwrap().clone();
-    let inst = kind.build(json!({"backend": "crash-launch"}), BuildContext::detached("fake"), rec.config_hash.clone()).await.unwrap();
+    let inst = kind
+        .build(
+            json!({"backend": "crash-launch"}),
+            BuildContext::detached("fake"),
+            rec.config_hash.clone(),
+        )
+        .await
+        .unwrap();
     let desc = TaskDescription {
         execution_id: id,
         task_id: rec.task_id,
         attempt: rec.attempt,
         request_id: rec.request_id.clone(),
+        redispatch: false,
         distributor: rec.distributor.clone(),
         payload: rec.task.payload.clone(),
         previous: None,
-        notify: NotificationRoute { target: None, auth_token: AuthToken(String::new()) },
+        notify: NotificationRoute {
+            target: None,
+            auth_token: AuthToken(String::new()),
+        },
         timeouts: Timeouts::default(),
         labels: Labels::new(),
     };
     inst.distributor().run(&desc).await.unwrap();
     assert_eq!(fake.starts(&rec.request_id), 1);
     let e2 = sqlite_engine("crash-launch", &db).await;
-    let done = tokio::time::timeout(Duration::from_secs(20), e2.wait(id)).await.expect("finished").unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(20), e2.wait(id))
+        .await
+        .expect("finished")
+        .unwrap();
     assert_eq!(done.state, State::Succeeded);
-    assert_eq!(fake.starts(&rec.request_id), 1, "the re-dispatch was deduplicated");
+    assert_eq!(
+        fake.starts(&rec.request_id),
+        1,
+        "the re-dispatch was deduplicated"
+    );
 }
 
 #[tokio::test]
@@ -535,11 +895,116 @@ async fn crash_while_running_on_sqlite_reattaches() {
     let db = dir.path().join("engine.db");
     let fake = FakeBackend::named("crash-sqlite-running");
     let e1 = sqlite_engine("crash-sqlite-running", &db).await;
-    let id = e1.submit(task("fake", json!({"run_for_ms": 300}))).await.unwrap();
-    until("running", || async { e1.get(id).await.unwrap().state == State::Running }).await;
+    let id = e1
+        .submit(task("fake", json!({"run_for_ms": 300})))
+        .await
+        .unwrap();
+    until("running", || async {
+        e1.get(id).await.unwrap().state == State::Running
+    })
+    .await;
     drop(e1);
     let e2 = sqlite_engine("crash-sqlite-running", &db).await;
-    let rec = tokio::time::timeout(Duration::from_secs(20), e2.wait(id)).await.expect("finished").unwrap();
+    let rec = tokio::time::timeout(Duration::from_secs(20), e2.wait(id))
+        .await
+        .expect("finished")
+        .unwrap();
     assert_eq!(rec.state, State::Succeeded);
     assert_eq!(fake.starts(&rec.request_id), 1);
+}
+
+// ----- an adapter that reports from inside `run` (races with the launch being recorded) ----
+
+mod eager {
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use distributor_core::*;
+    use schemars::JsonSchema;
+    use serde::{Deserialize, Serialize};
+    use serde_json::Value;
+
+    #[derive(Debug, Serialize, Deserialize, JsonSchema)]
+    pub struct EagerConfig {}
+
+    #[derive(Debug)]
+    pub struct Eager(pub Notifier);
+
+    #[async_trait]
+    impl KindConfig for EagerConfig {
+        const KIND: &'static str = "eager";
+        type Payload = Value;
+        async fn build(self, ctx: BuildContext) -> Result<Arc<dyn Distributor>> {
+            Ok(Arc::new(Eager(ctx.notifier)))
+        }
+    }
+
+    #[async_trait]
+    impl Distributor for Eager {
+        async fn run(&self, task: &TaskDescription) -> Result<Launch> {
+            let mut n = Notification::json(&serde_json::to_value(Status::Running).unwrap());
+            n.attributes
+                .insert("auth_token".into(), task.notify.auth_token.0.clone());
+            n.sequence = Some(1);
+            self.0.send(task.execution_id, n);
+            // Let the engine see the push before this call returns.
+            for _ in 0..50 {
+                tokio::task::yield_now().await;
+            }
+            Ok(Launch::new(format!("eager-{}", task.request_id)))
+        }
+        async fn cancel(&self, _: &Execution) -> Result<()> {
+            Ok(())
+        }
+        async fn status(&self, _: &Execution) -> Result<Status> {
+            Ok(Status::Running)
+        }
+        fn info_url(&self, _: &Execution) -> Option<url::Url> {
+            None
+        }
+        async fn handle_notification(
+            &self,
+            e: &Execution,
+            n: &Notification,
+        ) -> Result<Option<Status>> {
+            // Like adapters that look the token up: without one, they cannot answer.
+            if e.token.as_str().is_empty() {
+                return Ok(None);
+            }
+            Ok(serde_json::from_slice(&n.data).ok())
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities {
+                push_notifications: true,
+                ..Capabilities::default()
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_push_sent_before_run_returns_is_applied_once_the_launch_is_recorded() {
+    let registry = Registry::new().register::<eager::EagerConfig>().unwrap();
+    let doc = json!({"distributors": {"eager": {"kind": "eager"}}});
+    let config = DistributorsConfig::from_value(&registry, "t", &doc).unwrap();
+    let e = Engine::builder()
+        .registry(registry)
+        .distributors(config)
+        .build()
+        .await
+        .unwrap();
+    let t0 = e.clock().now();
+    let id = e.submit(task("eager", json!({}))).await.unwrap();
+    until("running", || async {
+        e.get(id).await.unwrap().state == State::Running
+    })
+    .await;
+    let rec = e.get(id).await.unwrap();
+    assert!(
+        t0.until(rec.updated_at) < Duration::from_secs(1),
+        "seen by the push, not a hedge poll 30 s later"
+    );
+    assert_eq!(rec.last_sequence, 1);
+    let h = e.history(id).await.unwrap();
+    assert_eq!(h.last().unwrap().actor, Actor::Notification, "{h:?}");
 }

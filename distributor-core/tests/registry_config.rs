@@ -10,21 +10,32 @@ fn registry() -> Registry {
 }
 
 fn problems(err: Error) -> Vec<(Option<String>, String, String)> {
-    let Error::Config(c) = err else { panic!("expected a config error, got {err}") };
-    c.problems.into_iter().map(|p| (p.instance.map(|i| i.to_string()), p.pointer, p.message)).collect()
+    let Error::Config(c) = err else {
+        panic!("expected a config error, got {err}")
+    };
+    c.problems
+        .into_iter()
+        .map(|p| (p.instance.map(|i| i.to_string()), p.pointer, p.message))
+        .collect()
 }
 
 #[test]
 fn duplicate_kind_is_an_error_not_a_panic() {
     let err = registry().register::<FakeConfig>().unwrap_err();
-    assert!(matches!(&err, Error::DuplicateKind(k) if k.as_str() == "fake"), "{err}");
+    assert!(
+        matches!(&err, Error::DuplicateKind(k) if k.as_str() == "fake"),
+        "{err}"
+    );
     assert_eq!(err.to_string(), "kind `fake` is registered twice");
 }
 
 #[test]
 fn unknown_kind_lists_known_kinds_and_suggests_the_nearest() {
     let err = registry().kind("fkae").unwrap_err();
-    assert_eq!(err.to_string(), "unknown kind `fkae` (did you mean `fake`?); known kinds: `fake`");
+    assert_eq!(
+        err.to_string(),
+        "unknown kind `fkae` (did you mean `fake`?); known kinds: `fake`"
+    );
     let doc = json!({"distributors": {"a": {"kind": "fkae"}}});
     let p = problems(DistributorsConfig::from_value(&registry(), "d.toml", &doc).unwrap_err());
     assert_eq!(p.len(), 1);
@@ -42,8 +53,19 @@ fn every_config_error_is_reported_at_once_with_instance_and_pointer() {
     let err = DistributorsConfig::from_value(&registry(), "d.toml", &doc).unwrap_err();
     let text = err.to_string();
     let p = problems(err);
-    let at: Vec<(&str, &str)> = p.iter().map(|(i, ptr, _)| (i.as_deref().unwrap(), ptr.as_str())).collect();
-    assert_eq!(at, [("one", "/backend"), ("one", "/pushh"), ("two", "/poll_interval_ms")], "{text}");
+    let at: Vec<(&str, &str)> = p
+        .iter()
+        .map(|(i, ptr, _)| (i.as_deref().unwrap(), ptr.as_str()))
+        .collect();
+    assert_eq!(
+        at,
+        [
+            ("one", "/backend"),
+            ("one", "/pushh"),
+            ("two", "/poll_interval_ms")
+        ],
+        "{text}"
+    );
     assert!(text.starts_with("d.toml: 3 problems"), "{text}");
     assert!(text.contains("did you mean `push`"), "{text}");
 }
@@ -63,11 +85,22 @@ fn aliases_are_one_level_and_must_name_real_instances() {
         "extra": {"alias": "real", "backend": "x"},
     }});
     let p = problems(DistributorsConfig::from_value(&reg, "d.toml", &doc).unwrap_err());
-    let find = |name: &str| p.iter().find(|(i, _, _)| i.as_deref() == Some(name)).map(|(_, _, m)| m.clone()).unwrap_or_default();
+    let find = |name: &str| {
+        p.iter()
+            .find(|(i, _, _)| i.as_deref() == Some(name))
+            .map(|(_, _, m)| m.clone())
+            .unwrap_or_default()
+    };
     assert!(find("self").contains("cycle"), "{p:?}");
-    assert!(find("a").contains("cycle") && find("b").contains("cycle"), "{p:?}");
+    assert!(
+        find("a").contains("cycle") && find("b").contains("cycle"),
+        "{p:?}"
+    );
     assert!(find("chain").contains("one level"), "{p:?}");
-    assert!(find("dangling").contains("unknown distributor `reel` (did you mean `real`?)"), "{p:?}");
+    assert!(
+        find("dangling").contains("unknown distributor `reel` (did you mean `real`?)"),
+        "{p:?}"
+    );
     assert!(find("both").contains("both `kind` and `alias`"), "{p:?}");
     assert!(find("extra").contains("no other fields"), "{p:?}");
     assert!(find("good").is_empty() && find("real").is_empty(), "{p:?}");
@@ -101,7 +134,10 @@ fn toml_and_json_give_the_same_instances_and_hashes() {
     assert_eq!(names, ["default", "fast", "slow"]);
     let (name, inst) = a.resolve("default").unwrap();
     assert_eq!(name.as_str(), "fast");
-    assert_eq!(inst.hash, ConfigHash::of("fake", &json!({"backend": "b1", "poll_interval_ms": 100})));
+    assert_eq!(
+        inst.hash,
+        ConfigHash::of("fake", &json!({"backend": "b1", "poll_interval_ms": 100}))
+    );
     assert_ne!(a.resolve("slow").unwrap().1.hash, inst.hash);
 }
 
@@ -113,20 +149,36 @@ fn files_are_loaded_by_extension_and_bad_syntax_is_reported() {
     assert!(DistributorsConfig::load(&registry(), &path).is_ok());
     let path = dir.path().join("d.toml");
     std::fs::write(&path, "[distributors.x\nkind = 1").unwrap();
-    let err = DistributorsConfig::load(&registry(), &path).unwrap_err().to_string();
+    let err = DistributorsConfig::load(&registry(), &path)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("invalid TOML"), "{err}");
-    let err = DistributorsConfig::from_value(&registry(), "d", &json!({"other": 1})).unwrap_err().to_string();
+    let err = DistributorsConfig::from_value(&registry(), "d", &json!({"other": 1}))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no `distributors` table"), "{err}");
 }
 
 #[tokio::test]
 async fn instances_validate_payloads_with_pointers_then_build() {
     let reg = registry();
-    let cfg = DistributorsConfig::from_value(&reg, "d", &json!({"distributors": {"f": {"kind": "fake"}}})).unwrap();
-    let built = reg.build_all(&cfg, |_| DeferredQueue::detached(), &Notifier::detached()).await.unwrap();
+    let cfg = DistributorsConfig::from_value(
+        &reg,
+        "d",
+        &json!({"distributors": {"f": {"kind": "fake"}}}),
+    )
+    .unwrap();
+    let built = reg
+        .build_all(&cfg, |_| DeferredQueue::detached(), &Notifier::detached())
+        .await
+        .unwrap();
     let inst = &built[&DistributorName::new("f")];
     assert_eq!(inst.kind().name().as_str(), "fake");
-    let err = inst.validate(&json!({"run_for_ms": true, "outcome": {"outcome": "abnormal", "kind": "exploded"}})).unwrap_err();
+    let err = inst
+        .validate(
+            &json!({"run_for_ms": true, "outcome": {"outcome": "abnormal", "kind": "exploded"}}),
+        )
+        .unwrap_err();
     let pointers: Vec<_> = err.violations.iter().map(|v| v.pointer.as_str()).collect();
     assert_eq!(pointers, ["/outcome/kind", "/run_for_ms"], "{err}");
     assert!(inst.validate(&json!({"run_for_ms": 5})).is_ok());

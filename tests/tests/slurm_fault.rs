@@ -5,9 +5,6 @@
 //! Needs a cluster from `eval "$(scripts/engines/slurm.sh start)"` (run as root: the test stops
 //! and restarts slurmrestd with `scripts/engines/slurm.sh stop-rest|start-rest`). Without
 //! `SLURM_URL` the trial reports itself ignored with the reason.
-//!
-//! Built as a `harness = false` target (libtest-mimic). Under the default harness (no
-//! `[[test]] harness = false` entry for it) the one test is `#[ignore]`d with that reason.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -74,6 +71,7 @@ fn task(payload: Value) -> TaskDescription {
         task_id: TaskId(1),
         attempt: Attempt(1),
         request_id: RequestId::random(),
+        redispatch: false,
         distributor: DistributorName::new("hpc"),
         payload,
         previous: None,
@@ -203,29 +201,16 @@ fn run_outage() -> Result<(), String> {
 
 const NAME: &str = "slurm_fault::slurmrestd_restart_mid_run";
 
-#[cfg(not(test))]
 fn main() -> std::process::ExitCode {
-    use libtest_mimic::{Arguments, Completion, Trial};
+    use libtest_mimic::{Arguments, Trial};
     let args = Arguments::from_args();
-    let trial = Trial::ignorable_test(NAME, || {
-        if std::env::var("SLURM_URL").is_err() {
-            return Ok(Completion::ignored_with(
-                "SLURM_URL not set: no slurmrestd (run `eval \"$(scripts/engines/slurm.sh start)\"` as root)",
-            ));
-        }
-        run_outage()
-            .map(|()| Completion::Completed)
-            .map_err(Into::into)
-    });
-    libtest_mimic::run(&args, vec![trial]).exit_code()
-}
-
-#[cfg(test)]
-#[test]
-#[ignore = "needs `[[test]] name = \"slurm_fault\" harness = false` in tests/Cargo.toml and a Slurm cluster"]
-fn slurmrestd_restart_mid_run() {
-    let _ = NAME;
-    if let Err(e) = run_outage() {
-        panic!("{e}");
+    let unreachable = std::env::var("SLURM_URL").is_err();
+    if unreachable {
+        eprintln!(
+            "{NAME}: ignored: SLURM_URL not set: no slurmrestd (run `eval \"$(scripts/engines/slurm.sh start)\"` as root)"
+        );
     }
+    let trial =
+        Trial::test(NAME, || run_outage().map_err(Into::into)).with_ignored_flag(unreachable);
+    libtest_mimic::run(&args, vec![trial]).exit_code()
 }

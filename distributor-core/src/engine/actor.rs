@@ -100,6 +100,7 @@ pub(crate) struct Actor {
     effects: Vec<Effect>,
     dispatch_started: HashMap<ExecutionId, tokio::time::Instant>,
     finished: Vec<ExecutionId>,
+    held: HashMap<ExecutionId, Vec<Notification>>,
 }
 
 pub(crate) async fn route_deferred(
@@ -153,6 +154,7 @@ impl Actor {
             effects: Vec::new(),
             dispatch_started: HashMap::new(),
             finished: Vec::new(),
+            held: HashMap::new(),
         };
         for inst in init.catalog.values() {
             a.snapshots.insert(
@@ -290,15 +292,12 @@ impl Actor {
 
     fn mark(&mut self, id: ExecutionId) -> Option<&mut ExecutionRecord> {
         let rec = self.live.get_mut(&id)?;
-        if !self.dirty.contains_key(&id) {
-            self.dirty.insert(
-                id,
-                Dirty {
-                    inserted: false,
-                    base_version: rec.version,
-                    history: Vec::new(),
-                },
-            );
+        if let std::collections::hash_map::Entry::Vacant(v) = self.dirty.entry(id) {
+            v.insert(Dirty {
+                inserted: false,
+                base_version: rec.version,
+                history: Vec::new(),
+            });
             self.dirty_order.push(id);
         }
         rec.version += 1;
@@ -430,11 +429,11 @@ impl Actor {
 
     fn on_cmd(&mut self, cmd: Cmd) -> Option<oneshot::Sender<()>> {
         match cmd {
-            Cmd::Submit(b, reply) => {
-                let (task, instance) = *b;
-                let id = self.submit(task, instance);
+            Cmd::Submit(batch, reply) => {
+                let ids: Vec<ExecutionId> =
+                    batch.into_iter().map(|(t, i)| self.submit(t, i)).collect();
                 self.effects.push(Effect::Reply(Box::new(move |r| {
-                    let _ = reply.send(r.map(|()| id).map_err(store_failed));
+                    let _ = reply.send(r.map(|()| ids).map_err(store_failed));
                 })));
             }
             Cmd::Cancel(id, reason, reply) => self.on_cancel(id, reason, reply),
@@ -553,6 +552,7 @@ impl Actor {
             transient_errors: 0,
             retry_at: None,
             cancel_sent: false,
+            run_calls: 0,
             earlier_kinds: Vec::new(),
             next_poll: None,
             poll_interval: None,
@@ -634,23 +634,48 @@ impl Actor {
     }
 
     fn on_notify(&mut self, id: ExecutionId, n: Notification, reply: oneshot::Sender<Result<()>>) {
-        let reject = |reply: oneshot::Sender<Result<()>>, r| {
-            let _ = reply.send(Err(Error::NotificationRejected(r)));
-        };
         let Some(rec) = self.live.get(&id) else {
             return self.answer_for_unknown(id, reply, |_| {
                 Err(Error::NotificationRejected(NotificationRejection::Terminal))
             });
         };
         if rec.state.is_terminal() {
-            return reject(reply, NotificationRejection::Terminal);
+            let _ = reply.send(Err(Error::NotificationRejected(
+                NotificationRejection::Terminal,
+            )));
+            return;
         }
+        if rec.token.is_none() {
+            // The work pushed before `run` returned its token (adapters that report from inside
+            // `run` race with it). Hold the push, without consuming its sequence, until the
+            // launch is recorded; if the engine dies first, polling finds the state instead.
+            self.held.entry(id).or_default().push(n);
+            return self.reply_after_commit(reply);
+        }
+        match self.accept_push(id, n) {
+            Ok(()) => self.reply_after_commit(reply),
+            Err(r) => {
+                let _ = reply.send(Err(Error::NotificationRejected(r)));
+            }
+        }
+    }
+
+    /// Drops stale and duplicate pushes; records the sequence of the others and hands them to
+    /// the adapter.
+    fn accept_push(
+        &mut self,
+        id: ExecutionId,
+        n: Notification,
+    ) -> Result<(), NotificationRejection> {
+        let Some(rec) = self.live.get(&id) else {
+            return Err(NotificationRejection::UnknownExecution);
+        };
         if n.sequence.is_some_and(|s| s <= rec.last_sequence)
             || n.message_id
                 .as_ref()
                 .is_some_and(|m| rec.seen_messages.contains(m))
         {
-            return reject(reply, NotificationRejection::Stale);
+            return Err(NotificationRejection::Stale);
         }
         if let Some(rec) = self.mark(id) {
             if let Some(s) = n.sequence {
@@ -664,7 +689,7 @@ impl Actor {
             }
         }
         self.effects.push(Effect::Notification(id, n));
-        self.reply_after_commit(reply);
+        Ok(())
     }
 
     // ----- adapter results --------------------------------------------------------------
@@ -730,6 +755,11 @@ impl Actor {
                     rec.poll_interval = interval;
                     rec.transient_errors = 0;
                     rec.retry_at = None;
+                }
+                for n in self.held.remove(&id).unwrap_or_default() {
+                    if let Err(r) = self.accept_push(id, n) {
+                        tracing::debug!(execution = %id, reason = %r, "held push dropped");
+                    }
                 }
                 if let Some(t0) = self.dispatch_started.remove(&id) {
                     metrics::histogram!("distributor_dispatch_seconds")
@@ -872,10 +902,8 @@ impl Actor {
             }
         }
         let iv = self.poll_interval(id);
-        if let Some(rec) = self.live.get_mut(&id) {
-            if rec.token.is_some() {
-                rec.next_poll = Some(now.plus(iv));
-            }
+        if let Some(rec) = self.live.get_mut(&id).filter(|r| r.token.is_some()) {
+            rec.next_poll = Some(now.plus(iv));
         }
         self.rearm(id);
     }
@@ -1027,14 +1055,12 @@ impl Actor {
         rec.outcome = Some(outcome.clone());
         rec.next_poll = None;
         rec.retry_at = None;
-        let (task, attempt, mut kinds) = (rec.task.clone(), rec.attempt, rec.earlier_kinds.clone());
-        let (task_id, distributor, kind, config, hash) = (
-            rec.task_id,
-            rec.distributor.clone(),
-            rec.kind.clone(),
-            rec.config.clone(),
-            rec.config_hash.clone(),
-        );
+        // A new attempt, if the task's budget allows (decided before cloning anything).
+        let retry_kind = outcome.abnormal_kind().filter(|k| {
+            let mut kinds = rec.earlier_kinds.clone();
+            kinds.push(*k);
+            rec.task.retry.allows(*k, rec.attempt, &kinds)
+        });
         self.emit(Event::Finished {
             id,
             state: to,
@@ -1042,14 +1068,19 @@ impl Actor {
         });
         self.effects.push(Effect::Waiters(id));
         self.arm(TimerKey::Exec(id), None);
-        // A new attempt, if the task's budget allows.
-        let Some(k) = outcome.abnormal_kind() else {
+        let Some(k) = retry_kind else { return };
+        let Some(rec) = self.live.get(&id) else {
             return;
         };
+        let (task, attempt, mut kinds) = (rec.task.clone(), rec.attempt, rec.earlier_kinds.clone());
         kinds.push(k);
-        if !task.retry.allows(k, attempt, &kinds) {
-            return;
-        }
+        let (task_id, distributor, kind, config, hash) = (
+            rec.task_id,
+            rec.distributor.clone(),
+            rec.kind.clone(),
+            rec.config.clone(),
+            rec.config_hash.clone(),
+        );
         let next = ExecutionId(self.next_id);
         self.next_id += 1;
         let now = self.now();
@@ -1080,6 +1111,7 @@ impl Actor {
             transient_errors: 0,
             retry_at: delay.map(|d| now.plus(d)),
             cancel_sent: false,
+            run_calls: 0,
             earlier_kinds: kinds,
             next_poll: None,
             poll_interval: None,
@@ -1223,6 +1255,11 @@ impl Actor {
     }
 
     fn spawn_run(&mut self, id: ExecutionId) {
+        // Counted in the batch that precedes the call, so a restart knows a call may have
+        // happened and tells the adapter (`TaskDescription::redispatch`).
+        if let Some(rec) = self.mark(id) {
+            rec.run_calls += 1;
+        }
         self.busy.entry(id).or_default().run = true;
         self.effects.push(Effect::Run(id));
     }
@@ -1294,6 +1331,7 @@ impl Actor {
         for id in std::mem::take(&mut self.finished) {
             if self.live.get(&id).is_some_and(|r| r.state.is_terminal()) {
                 self.live.remove(&id);
+                self.held.remove(&id);
                 self.busy.remove(&id);
                 self.dispatch_started.remove(&id);
                 self.arm(TimerKey::Exec(id), None);
@@ -1454,6 +1492,7 @@ impl Actor {
             task_id: rec.task_id,
             attempt: rec.attempt,
             request_id: rec.request_id.clone(),
+            redispatch: rec.run_calls > 1,
             distributor: rec.distributor.clone(),
             payload: rec.task.payload.clone(),
             previous: rec.previous.clone(),

@@ -267,6 +267,10 @@ pub struct ExecutionRecord {
     pub retry_at: Option<Timestamp>,
     /// Whether a `cancel` call has been accepted by the adapter for this execution.
     pub cancel_sent: bool,
+    /// How many times `run` has been called for this execution's request id (counted durably
+    /// before each call).
+    #[serde(default)]
+    pub run_calls: u32,
     /// Abnormal kinds of this task's earlier attempts, oldest first (for per-kind retry budgets).
     pub earlier_kinds: Vec<AbnormalKind>,
     /// When the next status poll is due.

@@ -17,7 +17,7 @@ pub fn sample_record(id: u64, state: State) -> ExecutionRecord {
     let mut task = Task::new("local", json!({"argv": ["true"]}));
     task.labels.insert(
         "team".into(),
-        if id % 2 == 0 {
+        if id.is_multiple_of(2) {
             "even".into()
         } else {
             "odd".into()
@@ -46,6 +46,7 @@ pub fn sample_record(id: u64, state: State) -> ExecutionRecord {
         transient_errors: 0,
         retry_at: None,
         cancel_sent: false,
+        run_calls: 0,
         earlier_kinds: Vec::new(),
         next_poll: None,
         poll_interval: None,

@@ -36,6 +36,7 @@
 //! # let task = distributor_core::TaskDescription {
 //! #     execution_id: distributor_core::ExecutionId(1), task_id: distributor_core::TaskId(1),
 //! #     attempt: distributor_core::Attempt(1), request_id: RequestId::new("doc-1"),
+//! #     redispatch: false,
 //! #     distributor: "f".into(), payload, previous: None,
 //! #     notify: NotificationRoute { target: None, auth_token: AuthToken("t".into()) },
 //! #     timeouts: Default::default(), labels: Default::default(),

@@ -47,6 +47,7 @@ async fn adapter(n: usize, parallel: usize) -> Duration {
             task_id: TaskId(id),
             attempt: Attempt(1),
             request_id: RequestId::random(),
+            redispatch: false,
             distributor: DistributorName::new("local"),
             payload: json!({ "argv": ["true"] }),
             previous: None,

@@ -45,6 +45,7 @@ fn task(id: u64, rid: &str, payload: Value) -> TaskDescription {
         task_id: TaskId(id),
         attempt: Attempt(1),
         request_id: RequestId::new(rid),
+        redispatch: false,
         distributor: DistributorName::new("local"),
         payload,
         previous: None,

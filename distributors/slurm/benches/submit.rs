@@ -54,6 +54,7 @@ fn task(payload: serde_json::Value) -> TaskDescription {
         task_id: TaskId(1),
         attempt: Attempt(1),
         request_id: RequestId::random(),
+        redispatch: false,
         distributor: DistributorName::new("bench"),
         payload,
         previous: None,

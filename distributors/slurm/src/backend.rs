@@ -253,14 +253,19 @@ impl Distributor for SlurmDistributor {
             if let Some(job) = self.remembered(&task.request_id) {
                 return Ok(self.launch(job));
             }
-            let markers = self
-                .lookup
-                .markers(&self.client, &self.config.user)
-                .await
-                .map_err(|f| f.into_error("looking for an existing job"))?;
-            if let Some(job) = markers.get(&request_marker(&task.request_id)) {
-                self.remember(&task.request_id, *job);
-                return Ok(self.launch(*job));
+            // A first dispatch cannot have a job yet: skip the listing (a full `GET /jobs` in
+            // v0.0.38). A repeated one (the engine retried, or restarted mid-dispatch) looks
+            // for the job carrying this request id before submitting.
+            if task.redispatch {
+                let markers = self
+                    .lookup
+                    .markers(&self.client, &self.config.user)
+                    .await
+                    .map_err(|f| f.into_error("looking for an existing job"))?;
+                if let Some(job) = markers.get(&request_marker(&task.request_id)) {
+                    self.remember(&task.request_id, *job);
+                    return Ok(self.launch(*job));
+                }
             }
             let job = self
                 .client
@@ -433,6 +438,7 @@ mod tests {
             task_id: TaskId(42),
             attempt: Attempt(1),
             request_id: RequestId::new("r1"),
+            redispatch: false,
             distributor: DistributorName::new("hpc"),
             payload,
             previous: None,

@@ -43,6 +43,7 @@ fn task(request_id: &RequestId, payload: Value) -> TaskDescription {
         task_id: TaskId(1),
         attempt: Attempt(1),
         request_id: request_id.clone(),
+        redispatch: false,
         distributor: DistributorName::new("hpc"),
         payload,
         previous: None,
@@ -177,9 +178,12 @@ async fn run_is_idempotent_across_instances() -> TestResult {
     let t = task(&RequestId::random(), json!({ "argv": ["sleep", "1"] }));
     let first = d.run(&t).await.map_err(|e| e.to_string())?;
     let again = d.run(&t).await.map_err(|e| e.to_string())?;
-    // A fresh instance has no memory of the launch: it must find the job in Slurm.
+    // A fresh instance has no memory of the launch: on a repeated dispatch (what the engine
+    // marks after a crash) it must find the job in Slurm.
     let fresh = distributor().await?;
-    let after_crash = fresh.run(&t).await.map_err(|e| e.to_string())?;
+    let mut repeated = t.clone();
+    repeated.redispatch = true;
+    let after_crash = fresh.run(&repeated).await.map_err(|e| e.to_string())?;
     assert_eq!(first.token, again.token);
     assert_eq!(first.token, after_crash.token);
     // Concurrent runs of one new request id submit once.

@@ -151,6 +151,9 @@ async fn run_is_idempotent_per_request_id(h: &Harness) -> CaseResult {
     let task = h.task(&h.shared.payloads.succeeds);
     let d = h.d()?;
     let first = h.patiently("run", || d.run(&task)).await?;
+    // The engine marks repeated calls; an adapter MUST dedupe on them.
+    let mut task = task;
+    task.redispatch = true;
     let second = h.patiently("second run", || d.run(&task)).await?;
     if second.token != first.token {
         return Err(format!(

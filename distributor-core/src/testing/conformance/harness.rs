@@ -132,6 +132,7 @@ impl Harness {
             task_id: TaskId(id.0),
             attempt: Attempt(1),
             request_id: RequestId::random(),
+            redispatch: false,
             distributor: DistributorName::new("conformance"),
             payload: payload.clone(),
             previous: None,

@@ -53,6 +53,7 @@ fn task(id: u64, payload: Value) -> TaskDescription {
         task_id: TaskId(id),
         attempt: Attempt(1),
         request_id: RequestId::new(format!("req-{id}")),
+        redispatch: false,
         distributor: "fake".into(),
         payload,
         previous: None,
