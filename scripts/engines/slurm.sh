@@ -166,6 +166,10 @@ start() {
   install_packages
   id -u "$USER_NAME" >/dev/null 2>&1 || useradd -m "$USER_NAME"
   mkdir -p "$STATE_DIR"
+  # A fresh cluster every start: jobs saved by an earlier run (this machine is reused across
+  # sessions and CI runs) would otherwise be recovered and queue ahead of the tests' jobs.
+  stop
+  rm -rf "$STATE_DIR/ctld" "$STATE_DIR/d" "$JOB_DIR"
   write_config
   start_munge
   pid_alive "$STATE_DIR/slurmctld.pid" || /usr/sbin/slurmctld -f "$CONF"
