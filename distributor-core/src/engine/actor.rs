@@ -529,39 +529,13 @@ impl Actor {
         self.snapshots
             .entry((name.clone(), hash.clone()))
             .or_insert_with(|| instance.clone());
-        let rec = ExecutionRecord {
-            id,
-            task_id: TaskId(id.0),
-            attempt: Attempt(1),
-            request_id: RequestId::random(),
-            task,
-            distributor: name.clone(),
-            kind: instance.kind().name(),
-            config: instance.shared_config(),
-            config_hash: hash,
-            state: State::Queued,
-            version: 1,
-            token: None,
-            handle: AdapterHandle::default(),
-            outcome: None,
-            previous: None,
-            deadlines: Deadlines::default(),
-            cancel: None,
-            cancel_by: None,
-            stop_polls: 0,
-            transient_errors: 0,
-            retry_at: None,
-            cancel_sent: false,
-            run_calls: 0,
-            earlier_kinds: Vec::new(),
-            next_poll: None,
-            poll_interval: None,
-            last_sequence: 0,
-            seen_messages: Vec::new(),
-            retried_by: None,
-            created_at: now,
-            updated_at: now,
-        };
+        let snapshot = (
+            name.clone(),
+            instance.kind().name(),
+            instance.shared_config(),
+            hash,
+        );
+        let rec = ExecutionRecord::queued(id, TaskId(id.0), Attempt(1), task, snapshot, now);
         self.insert(rec, Who::User, "submitted");
         self.dispatch(id);
         id
@@ -787,17 +761,9 @@ impl Actor {
                 }
             }
             Err(e) if state == State::Cancelling => {
-                let cause = self.live.get(&id).and_then(|r| r.cancel.clone());
-                let kind = cause
-                    .as_ref()
-                    .map_or(AbnormalKind::Cancelled, CancelCause::kind);
-                let why = cause.map(|c| c.describe()).unwrap_or_default();
-                self.finish(
+                self.end_by_cause(
                     id,
-                    Outcome::abnormal(
-                        kind,
-                        format!("{why} before the work was launched (run: {e})"),
-                    ),
+                    &format!(" before the work was launched (run: {e})"),
                     Who::Adapter,
                 );
             }
@@ -1012,6 +978,17 @@ impl Actor {
         self.rearm(id);
     }
 
+    /// Ends a cancelling execution as its cancel cause decides (`Cancelled`, `Expired` or
+    /// `TimedOut`), the cause's words followed by `note`.
+    fn end_by_cause(&mut self, id: ExecutionId, note: &str, who: Who) {
+        let cause = self.live.get(&id).and_then(|r| r.cancel.clone());
+        let kind = cause
+            .as_ref()
+            .map_or(AbnormalKind::Cancelled, CancelCause::kind);
+        let why = cause.map(|c| c.describe()).unwrap_or_default();
+        self.finish(id, Outcome::abnormal(kind, format!("{why}{note}")), who);
+    }
+
     /// Calls the adapter's cancel, or records the end at once for adapters that cannot cancel.
     fn send_cancel_or_finish(&mut self, id: ExecutionId) {
         let can_cancel = self
@@ -1020,21 +997,8 @@ impl Actor {
         if can_cancel {
             self.spawn_cancel(id);
         } else {
-            let cause = self.live.get(&id).and_then(|r| r.cancel.clone());
-            let kind = cause
-                .as_ref()
-                .map_or(AbnormalKind::Cancelled, CancelCause::kind);
-            let why = cause.map(|c| c.describe()).unwrap_or_default();
-            self.finish(
-                id,
-                Outcome::abnormal(
-                    kind,
-                    format!(
-                        "{why}; this distributor cannot cancel, so the work may still be running"
-                    ),
-                ),
-                Who::Engine,
-            );
+            let note = "; this distributor cannot cancel, so the work may still be running";
+            self.end_by_cause(id, note, Who::Engine);
         }
     }
 
@@ -1074,8 +1038,8 @@ impl Actor {
         };
         let (task, attempt, mut kinds) = (rec.task.clone(), rec.attempt, rec.earlier_kinds.clone());
         kinds.push(k);
-        let (task_id, distributor, kind, config, hash) = (
-            rec.task_id,
+        let task_id = rec.task_id;
+        let snapshot = (
             rec.distributor.clone(),
             rec.kind.clone(),
             rec.config.clone(),
@@ -1088,39 +1052,11 @@ impl Actor {
         if let Some(rec) = self.live.get_mut(&id) {
             rec.retried_by = Some(next);
         }
-        let new = ExecutionRecord {
-            id: next,
-            task_id,
-            attempt: Attempt(attempt.0 + 1),
-            request_id: RequestId::random(),
-            task,
-            distributor,
-            kind,
-            config,
-            config_hash: hash,
-            state: State::Queued,
-            version: 1,
-            token: None,
-            handle: AdapterHandle::default(),
-            outcome: None,
-            previous: Some(outcome),
-            deadlines: Deadlines::default(),
-            cancel: None,
-            cancel_by: None,
-            stop_polls: 0,
-            transient_errors: 0,
-            retry_at: delay.map(|d| now.plus(d)),
-            cancel_sent: false,
-            run_calls: 0,
-            earlier_kinds: kinds,
-            next_poll: None,
-            poll_interval: None,
-            last_sequence: 0,
-            seen_messages: Vec::new(),
-            retried_by: None,
-            created_at: now,
-            updated_at: now,
-        };
+        let mut new =
+            ExecutionRecord::queued(next, task_id, Attempt(attempt.0 + 1), task, snapshot, now);
+        new.previous = Some(outcome);
+        new.retry_at = delay.map(|d| now.plus(d));
+        new.earlier_kinds = kinds;
         self.insert(new, Who::Engine, &format!("retry of {id} ({k})"));
         self.emit(Event::Retried { id, next });
         if delay.is_none() {
@@ -1199,22 +1135,16 @@ impl Actor {
                         }
                         self.start_poll(id, Who::Timer);
                     } else {
-                        let cause = rec.cancel.clone();
                         let stop = rec
                             .task
                             .timeouts
                             .stop
                             .unwrap_or(self.settings.default_stop_timeout);
-                        let kind = cause
-                            .as_ref()
-                            .map_or(AbnormalKind::Cancelled, CancelCause::kind);
-                        let why = cause.map(|c| c.describe()).unwrap_or_default();
                         let polls = rec.stop_polls;
-                        self.finish(
-                            id,
-                            Outcome::abnormal(kind, format!("{why}; the work was not confirmed stopped within {stop:?} and {polls} more polls")),
-                            Who::Timer,
+                        let note = format!(
+                            "; the work was not confirmed stopped within {stop:?} and {polls} more polls"
                         );
+                        self.end_by_cause(id, &note, Who::Timer);
                         return;
                     }
                 } else {

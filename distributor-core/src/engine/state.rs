@@ -291,6 +291,52 @@ pub struct ExecutionRecord {
 }
 
 impl ExecutionRecord {
+    /// A new queued attempt of `task`: version 1, a fresh random request id, and the config
+    /// snapshot `(instance name, kind, config, config hash)`.
+    pub(crate) fn queued(
+        id: ExecutionId,
+        task_id: TaskId,
+        attempt: Attempt,
+        task: Task,
+        snapshot: (DistributorName, KindName, Arc<Value>, ConfigHash),
+        now: Timestamp,
+    ) -> Self {
+        let (distributor, kind, config, config_hash) = snapshot;
+        Self {
+            id,
+            task_id,
+            attempt,
+            request_id: RequestId::random(),
+            task,
+            distributor,
+            kind,
+            config,
+            config_hash,
+            state: State::Queued,
+            version: 1,
+            token: None,
+            handle: AdapterHandle::default(),
+            outcome: None,
+            previous: None,
+            deadlines: Deadlines::default(),
+            cancel: None,
+            cancel_by: None,
+            stop_polls: 0,
+            transient_errors: 0,
+            retry_at: None,
+            cancel_sent: false,
+            run_calls: 0,
+            earlier_kinds: Vec::new(),
+            next_poll: None,
+            poll_interval: None,
+            last_sequence: 0,
+            seen_messages: Vec::new(),
+            retried_by: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
     /// The adapter-facing view (requires a token; before launch the token is empty).
     pub fn execution(&self) -> Execution {
         Execution {

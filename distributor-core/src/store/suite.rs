@@ -23,39 +23,23 @@ pub fn sample_record(id: u64, state: State) -> ExecutionRecord {
             "odd".into()
         },
     );
-    ExecutionRecord {
-        id: ExecutionId(id),
-        task_id: TaskId(id),
-        attempt: Attempt(1),
-        request_id: RequestId::new(format!("req-{id}")),
+    let snapshot = (
+        DistributorName::new("local"),
+        KindName::new("local"),
+        std::sync::Arc::new(json!({})),
+        ConfigHash::of("local", &json!({})),
+    );
+    let mut r = ExecutionRecord::queued(
+        ExecutionId(id),
+        TaskId(id),
+        Attempt(1),
         task,
-        distributor: DistributorName::new("local"),
-        kind: KindName::new("local"),
-        config: std::sync::Arc::new(json!({})),
-        config_hash: ConfigHash::of("local", &json!({})),
-        state,
-        version: 1,
-        token: None,
-        handle: AdapterHandle::default(),
-        outcome: None,
-        previous: None,
-        deadlines: Deadlines::default(),
-        cancel: None,
-        cancel_by: None,
-        stop_polls: 0,
-        transient_errors: 0,
-        retry_at: None,
-        cancel_sent: false,
-        run_calls: 0,
-        earlier_kinds: Vec::new(),
-        next_poll: None,
-        poll_interval: None,
-        last_sequence: 0,
-        seen_messages: Vec::new(),
-        retried_by: None,
-        created_at: Timestamp(1),
-        updated_at: Timestamp(1),
-    }
+        snapshot,
+        Timestamp(1),
+    );
+    r.request_id = RequestId::new(format!("req-{id}"));
+    r.state = state;
+    r
 }
 
 fn history(r: &ExecutionRecord, from: Option<State>) -> HistoryEntry {
