@@ -9,7 +9,6 @@ use std::path::Path;
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use serde_json::{Value, json};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
@@ -142,62 +141,81 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn apply(&self, batch: &[Write]) -> Result<()> {
-        // Consecutive inserts (or updates) of distinct records go to SQLite as one statement
-        // over a JSON array (`json_each`), and all history rows as one more: a batch of
-        // thousands of transitions is a handful of statements in one transaction.
         let mut tx = self.pool.begin().await.map_err(store_err("begin"))?;
-        let mut run: Vec<&Write> = Vec::new();
-        let mut run_ids = std::collections::HashSet::new();
-        let mut history: Vec<&HistoryEntry> = Vec::new();
         for w in batch {
-            let (same_kind, id) = match (w, run.first()) {
-                (Write::Insert { record, .. }, Some(Write::Insert { .. })) => {
-                    (true, Some(record.id))
-                }
-                (Write::Update { record, .. }, Some(Write::Update { .. })) => {
-                    (true, Some(record.id))
-                }
-                (Write::Insert { record, .. } | Write::Update { record, .. }, None) => {
-                    (true, Some(record.id))
-                }
-                (Write::Insert { record, .. } | Write::Update { record, .. }, Some(_)) => {
-                    (false, Some(record.id))
-                }
-                _ => (false, None),
-            };
-            let Some(id) = id else {
-                flush_run(&mut tx, &mut run).await?;
-                run_ids.clear();
-                apply_other(&mut tx, w).await?;
-                continue;
-            };
-            if !same_kind || run_ids.contains(&id) {
-                flush_run(&mut tx, &mut run).await?;
-                run_ids.clear();
-            }
-            run_ids.insert(id);
-            run.push(w);
             match w {
-                Write::Insert { history: h, .. } | Write::Update { history: h, .. } => {
-                    history.extend(h)
+                Write::Insert { record, history } => {
+                    sqlx::query("INSERT INTO executions (id, task_id, state, live, distributor, version, record) VALUES (?, ?, ?, ?, ?, ?, ?)")
+                        .bind(record.id.0 as i64)
+                        .bind(record.task_id.0 as i64)
+                        .bind(record.state.as_str())
+                        .bind(!record.state.is_terminal())
+                        .bind(record.distributor.as_str())
+                        .bind(record.version as i64)
+                        .bind(serde_json::to_string(record).map_err(json_err)?)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| match &e {
+                            sqlx::Error::Database(d) if d.is_unique_violation() => Error::Conflict(record.id),
+                            _ => store_err("insert")(e),
+                        })?;
+                    for h in history {
+                        insert_history(&mut tx, h).await?;
+                    }
                 }
-                _ => {}
+                Write::Update {
+                    record,
+                    expected_version,
+                    history,
+                } => {
+                    let done = sqlx::query("UPDATE executions SET state = ?, live = ?, version = ?, record = ? WHERE id = ? AND version = ?")
+                        .bind(record.state.as_str())
+                        .bind(!record.state.is_terminal())
+                        .bind(record.version as i64)
+                        .bind(serde_json::to_string(record).map_err(json_err)?)
+                        .bind(record.id.0 as i64)
+                        .bind(*expected_version as i64)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(store_err("update"))?;
+                    if done.rows_affected() != 1 {
+                        return Err(Error::Conflict(record.id));
+                    }
+                    for h in history {
+                        insert_history(&mut tx, h).await?;
+                    }
+                }
+                Write::Meta { key, value } => {
+                    sqlx::query("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+                        .bind(key)
+                        .bind(value)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(store_err("meta"))?;
+                }
+                Write::PutDeferred {
+                    id,
+                    distributor,
+                    work,
+                } => {
+                    sqlx::query(
+                        "INSERT OR REPLACE INTO deferred (id, distributor, work) VALUES (?, ?, ?)",
+                    )
+                    .bind(*id as i64)
+                    .bind(distributor.as_str())
+                    .bind(serde_json::to_string(work).map_err(json_err)?)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(store_err("deferred"))?;
+                }
+                Write::DeleteDeferred { id } => {
+                    sqlx::query("DELETE FROM deferred WHERE id = ?")
+                        .bind(*id as i64)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(store_err("deferred"))?;
+                }
             }
-        }
-        flush_run(&mut tx, &mut run).await?;
-        if !history.is_empty() {
-            let rows: Vec<Value> = history
-                .iter()
-                .map(|h| json!({"e": h.execution_id.0, "v": h.version, "h": h}))
-                .collect();
-            sqlx::query(
-                "INSERT OR REPLACE INTO history (execution_id, version, entry) \
-                 SELECT value->>'e', value->>'v', value->'h' FROM json_each(?)",
-            )
-            .bind(serde_json::to_string(&rows).map_err(json_err)?)
-            .execute(&mut *tx)
-            .await
-            .map_err(store_err("history"))?;
         }
         tx.commit().await.map_err(store_err("commit"))
     }
@@ -312,107 +330,16 @@ impl Store for SqliteStore {
     }
 }
 
-/// Writes a run of inserts (or of updates) of distinct records with one statement. An update
-/// whose stored version is not the expected one makes the row count fall short: a conflict.
-async fn flush_run(
+async fn insert_history(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    run: &mut Vec<&Write>,
+    h: &HistoryEntry,
 ) -> Result<()> {
-    let Some(first) = run.first() else {
-        return Ok(());
-    };
-    let first_id = match first {
-        Write::Insert { record, .. } | Write::Update { record, .. } => record.id,
-        _ => return Ok(()),
-    };
-    let rows: Vec<Value> = run
-        .iter()
-        .filter_map(|w| match w {
-            Write::Insert { record, .. } => Some((record, 0)),
-            Write::Update {
-                record,
-                expected_version,
-                ..
-            } => Some((record, *expected_version)),
-            _ => None,
-        })
-        .map(|(r, expected)| {
-            json!({
-                "id": r.id.0, "task_id": r.task_id.0, "state": r.state.as_str(),
-                "live": !r.state.is_terminal(), "distributor": r.distributor.as_str(),
-                "version": r.version, "expected": expected, "record": r,
-            })
-        })
-        .collect();
-    let n = rows.len() as u64;
-    let body = serde_json::to_string(&rows).map_err(json_err)?;
-    let inserting = matches!(first, Write::Insert { .. });
-    run.clear();
-    if inserting {
-        sqlx::query(
-            "INSERT INTO executions (id, task_id, state, live, distributor, version, record) \
-             SELECT value->>'id', value->>'task_id', value->>'state', value->>'live', \
-                    value->>'distributor', value->>'version', value->'record' \
-             FROM json_each(?)",
-        )
-        .bind(body)
+    sqlx::query("INSERT OR REPLACE INTO history (execution_id, version, entry) VALUES (?, ?, ?)")
+        .bind(h.execution_id.0 as i64)
+        .bind(h.version as i64)
+        .bind(serde_json::to_string(h).map_err(json_err)?)
         .execute(&mut **tx)
         .await
-        .map_err(|e| match &e {
-            sqlx::Error::Database(d) if d.is_unique_violation() => Error::Conflict(first_id),
-            _ => store_err("insert")(e),
-        })?;
-        return Ok(());
-    }
-    let done = sqlx::query(
-        "UPDATE executions SET state = b.state, live = b.live, version = b.version, record = b.record \
-         FROM (SELECT value->>'id' AS id, value->>'state' AS state, value->>'live' AS live, \
-                      value->>'version' AS version, value->>'expected' AS expected, \
-                      value->'record' AS record FROM json_each(?)) AS b \
-         WHERE executions.id = b.id AND executions.version = b.expected",
-    )
-    .bind(body)
-    .execute(&mut **tx)
-    .await
-    .map_err(store_err("update"))?;
-    if done.rows_affected() != n {
-        return Err(Error::Conflict(first_id));
-    }
-    Ok(())
-}
-
-/// Writes that are not execution records.
-async fn apply_other(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, w: &Write) -> Result<()> {
-    match w {
-        Write::Meta { key, value } => {
-            sqlx::query("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
-                .bind(key)
-                .bind(value)
-                .execute(&mut **tx)
-                .await
-                .map_err(store_err("meta"))?;
-        }
-        Write::PutDeferred {
-            id,
-            distributor,
-            work,
-        } => {
-            sqlx::query("INSERT OR REPLACE INTO deferred (id, distributor, work) VALUES (?, ?, ?)")
-                .bind(*id as i64)
-                .bind(distributor.as_str())
-                .bind(serde_json::to_string(work).map_err(json_err)?)
-                .execute(&mut **tx)
-                .await
-                .map_err(store_err("deferred"))?;
-        }
-        Write::DeleteDeferred { id } => {
-            sqlx::query("DELETE FROM deferred WHERE id = ?")
-                .bind(*id as i64)
-                .execute(&mut **tx)
-                .await
-                .map_err(store_err("deferred"))?;
-        }
-        Write::Insert { .. } | Write::Update { .. } => {}
-    }
+        .map_err(store_err("history"))?;
     Ok(())
 }
