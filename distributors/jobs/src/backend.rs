@@ -473,8 +473,6 @@ impl Distributor for JobsServer {
         }
     }
 
-    /// The queue state is in SQLite and reloaded at start: recovering is reading it.
-    async fn recover(&self, execution: &Execution) -> Result<Status> {
-        self.status(execution).await
-    }
+    // `recover` keeps the trait's default (ask `status`): the queue state is in SQLite and
+    // reloaded at start, so recovering is reading it.
 }
