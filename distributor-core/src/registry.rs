@@ -2,7 +2,7 @@
 //!
 //! Adapter crates register themselves at link time:
 //!
-//! ```ignore
+//! ```text
 //! inventory::submit!(distributor_core::Registration::of::<LocalConfig>());
 //! ```
 //!

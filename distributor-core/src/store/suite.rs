@@ -1,6 +1,6 @@
 //! The store test suite: one set of checks every [`Store`] implementation must pass.
 //!
-//! ```ignore
+//! ```text
 //! distributor_core::store::suite::run_all(&MyStore::new()).await;
 //! ```
 
