@@ -62,7 +62,10 @@
 //! | `recover_reports_status` | (capability `recover`) after a rebuilt instance, `recover` reports finished work's outcome and long work as unfinished |
 //!
 //! A case whose capability the adapter does not declare (or that needs `Payloads::fails` when
-//! it is `None`) is reported ignored with the reason (`ignored (not applicable: …)`).
+//! it is `None`) is left out of the trial list and named once on stderr
+//! (`conformance::<kind>::<case>: left out (not applicable: …)`): the suite probes the
+//! capabilities by building one instance before listing. If that probe cannot build an instance,
+//! every case is listed and such a case reports itself ignored as not applicable when it runs.
 //!
 //! Long work started by a case is cancelled at its end when the adapter can cancel.
 //!
@@ -241,12 +244,27 @@ impl Suite {
     }
 
     /// The trials, named `conformance::<kind>::<case>`, in case order.
+    ///
+    /// Cases that cannot apply to this adapter (a capability it does not declare, or no `fails`
+    /// payload) are left out and named once on stderr, so that every listed trial either runs
+    /// or is ignored because the backend is unreachable.
     pub fn trials(self) -> Vec<Trial> {
         let kind_name = self.kind_name;
         let shared = self.into_shared();
         let ignored = shared.unreachable.is_some();
+        let caps = probe_capabilities(&shared);
         CASES
             .iter()
+            .filter(|case| {
+                let Some(caps) = &caps else { return true };
+                match case.needs.unmet(caps, shared.payloads.fails.is_some()) {
+                    Some(reason) => {
+                        eprintln!("{}: left out ({reason})", trial_name(kind_name, case));
+                        false
+                    }
+                    None => true,
+                }
+            })
             .map(|case| {
                 let shared = Arc::clone(&shared);
                 let case = *case;
@@ -358,6 +376,23 @@ impl Shared {
         });
         done.as_ref().map(|_| ()).map_err(Clone::clone)
     }
+}
+
+/// The adapter's capabilities, from one instance built and dropped before the trials run;
+/// `None` if the backend is unreachable or the instance cannot be built (every case is then
+/// listed, and each decides when it runs).
+fn probe_capabilities(shared: &Arc<Shared>) -> Option<crate::Capabilities> {
+    if shared.unreachable.is_some() || shared.broken.is_some() {
+        return None;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    let inner = Arc::clone(shared);
+    let caps = rt.block_on(async move { Harness::build(inner).await.ok()?.caps().ok() });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    caps
 }
 
 fn run_trial(shared: &Arc<Shared>, case: Case) -> Result<Completion, Failed> {
