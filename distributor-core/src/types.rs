@@ -229,6 +229,35 @@ pub struct TaskDescription {
     pub labels: Labels,
 }
 
+impl TaskDescription {
+    /// A first attempt of a one-execution task (`task_id` = `execution_id`, attempt 1), with no
+    /// notification target, an empty auth token, no timeouts and no labels; set the public
+    /// fields for anything else. For adapter tests and tools that call `run` without an engine.
+    pub fn new(
+        execution_id: ExecutionId,
+        request_id: RequestId,
+        distributor: impl Into<DistributorName>,
+        payload: Value,
+    ) -> Self {
+        Self {
+            execution_id,
+            task_id: TaskId(execution_id.0),
+            attempt: Attempt(1),
+            request_id,
+            redispatch: false,
+            distributor: distributor.into(),
+            payload,
+            previous: None,
+            notify: NotificationRoute {
+                target: None,
+                auth_token: AuthToken(String::new()),
+            },
+            timeouts: Timeouts::default(),
+            labels: Labels::new(),
+        }
+    }
+}
+
 /// Versioned, adapter-private state persisted with the execution (Nomad's task handle).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AdapterHandle {

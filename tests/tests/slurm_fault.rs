@@ -11,9 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use distributor_core::{
-    AbnormalKind, AdapterHandle, Attempt, AuthToken, BuildContext, Distributor, DistributorName,
-    Execution, ExecutionId, KindConfig, NotificationRoute, Outcome, RequestId, Status,
-    TaskDescription, TaskId, Timeouts,
+    AbnormalKind, AdapterHandle, BuildContext, Distributor, Execution, ExecutionId, KindConfig,
+    Outcome, RequestId, Status, TaskDescription,
 };
 use distributor_slurm::SlurmConfig;
 use serde_json::{Value, json};
@@ -66,22 +65,7 @@ fn cli_state(job: &str) -> String {
 }
 
 fn task(payload: Value) -> TaskDescription {
-    TaskDescription {
-        execution_id: ExecutionId(1),
-        task_id: TaskId(1),
-        attempt: Attempt(1),
-        request_id: RequestId::random(),
-        redispatch: false,
-        distributor: DistributorName::new("hpc"),
-        payload,
-        previous: None,
-        notify: NotificationRoute {
-            target: None,
-            auth_token: AuthToken("unused".into()),
-        },
-        timeouts: Timeouts::default(),
-        labels: Default::default(),
-    }
+    TaskDescription::new(ExecutionId(1), RequestId::random(), "hpc", payload)
 }
 
 async fn start(d: &dyn Distributor, payload: Value) -> Result<Execution, String> {

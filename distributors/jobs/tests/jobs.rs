@@ -7,9 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use distributor_core::{
-    AbnormalKind, Attempt, AuthToken, BuildContext, DeferredQueue, Distributor, DistributorName,
-    Execution, ExecutionId, Launch, Notification, NotificationRoute, Notifier, Outcome, RequestId,
-    Status, TaskDescription, TaskId, Timeouts,
+    AbnormalKind, AuthToken, BuildContext, DeferredQueue, Distributor, DistributorName, Execution,
+    ExecutionId, Launch, Notification, Notifier, Outcome, RequestId, Status, TaskDescription,
 };
 use distributor_jobs::{
     ClaimRequest, ClientError, CompleteRequest, ErrorCode, ErrorRequest, HeartbeatRequest,
@@ -68,22 +67,15 @@ impl Harness {
 }
 
 fn task(n: u64, task_type: &str, input: Value) -> TaskDescription {
-    TaskDescription {
-        execution_id: ExecutionId(n),
-        task_id: TaskId(n),
-        attempt: Attempt(1),
-        request_id: RequestId::new(format!("req-{n}")),
-        redispatch: false,
-        distributor: DistributorName::new("jobs"),
-        payload: json!({ "task_type": task_type, "input": input }),
-        previous: None,
-        notify: NotificationRoute {
-            target: None,
-            auth_token: AuthToken(format!("auth-{n}")),
-        },
-        timeouts: Timeouts::default(),
-        labels: BTreeMap::new(),
-    }
+    let payload = json!({ "task_type": task_type, "input": input });
+    let mut t = TaskDescription::new(
+        ExecutionId(n),
+        RequestId::new(format!("req-{n}")),
+        "jobs",
+        payload,
+    );
+    t.notify.auth_token = AuthToken(format!("auth-{n}"));
+    t
 }
 
 fn execution(t: &TaskDescription, l: &Launch) -> Execution {

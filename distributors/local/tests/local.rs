@@ -9,9 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use distributor_core::{
-    AbnormalKind, Attempt, AuthToken, BuildContext, Distributor, DistributorName, Execution,
-    ExecutionId, KindConfig, Launch, Notification, NotificationRoute, Notifier, Outcome, Registry,
-    RequestId, Status, TaskDescription, TaskId, Timeouts,
+    AbnormalKind, AuthToken, BuildContext, Distributor, Execution, ExecutionId, KindConfig, Launch,
+    Notification, Notifier, Outcome, Registry, RequestId, Status, TaskDescription,
 };
 use distributor_local::{LocalConfig, LocalPayload};
 use serde_json::{Value, json};
@@ -40,22 +39,9 @@ async fn build(config: LocalConfig) -> (Arc<dyn Distributor>, Pushes) {
 }
 
 fn task(id: u64, rid: &str, payload: Value) -> TaskDescription {
-    TaskDescription {
-        execution_id: ExecutionId(id),
-        task_id: TaskId(id),
-        attempt: Attempt(1),
-        request_id: RequestId::new(rid),
-        redispatch: false,
-        distributor: DistributorName::new("local"),
-        payload,
-        previous: None,
-        notify: NotificationRoute {
-            target: None,
-            auth_token: AuthToken(format!("secret-{id}")),
-        },
-        timeouts: Timeouts::default(),
-        labels: Default::default(),
-    }
+    let mut t = TaskDescription::new(ExecutionId(id), RequestId::new(rid), "local", payload);
+    t.notify.auth_token = AuthToken(format!("secret-{id}"));
+    t
 }
 
 fn execution(t: &TaskDescription, launch: &Launch) -> Execution {

@@ -10,8 +10,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use distributor_core::{
-    AdapterHandle, Attempt, AuthToken, BuildContext, DistributorName, Execution, ExecutionId,
-    KindConfig, NotificationRoute, RequestId, TaskDescription, TaskId, Timeouts,
+    AdapterHandle, BuildContext, Execution, ExecutionId, KindConfig, RequestId, TaskDescription,
 };
 use distributor_slurm::SlurmConfig;
 use futures_lite::run_concurrently;
@@ -49,22 +48,7 @@ mod futures_lite {
 }
 
 fn task(payload: serde_json::Value) -> TaskDescription {
-    TaskDescription {
-        execution_id: ExecutionId(1),
-        task_id: TaskId(1),
-        attempt: Attempt(1),
-        request_id: RequestId::random(),
-        redispatch: false,
-        distributor: DistributorName::new("bench"),
-        payload,
-        previous: None,
-        notify: NotificationRoute {
-            target: None,
-            auth_token: AuthToken("unused".into()),
-        },
-        timeouts: Timeouts::default(),
-        labels: Default::default(),
-    }
+    TaskDescription::new(ExecutionId(1), RequestId::random(), "bench", payload)
 }
 
 fn ms(d: Duration) -> f64 {

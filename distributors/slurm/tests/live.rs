@@ -7,9 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use distributor_core::{
-    AbnormalKind, AdapterHandle, Attempt, AuthToken, BuildContext, Distributor, DistributorName,
-    Execution, ExecutionId, KindConfig, NotificationRoute, Outcome, RequestId, Status,
-    TaskDescription, TaskId, Timeouts, Token,
+    AbnormalKind, AdapterHandle, BuildContext, Distributor, Execution, ExecutionId, KindConfig,
+    Outcome, RequestId, Status, TaskDescription, Token,
 };
 use distributor_slurm::SlurmConfig;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
@@ -38,22 +37,7 @@ async fn distributor() -> Result<Arc<dyn Distributor>, Failed> {
 }
 
 fn task(request_id: &RequestId, payload: Value) -> TaskDescription {
-    TaskDescription {
-        execution_id: ExecutionId(1),
-        task_id: TaskId(1),
-        attempt: Attempt(1),
-        request_id: request_id.clone(),
-        redispatch: false,
-        distributor: DistributorName::new("hpc"),
-        payload,
-        previous: None,
-        notify: NotificationRoute {
-            target: None,
-            auth_token: AuthToken("unused".into()),
-        },
-        timeouts: Timeouts::default(),
-        labels: Default::default(),
-    }
+    TaskDescription::new(ExecutionId(1), request_id.clone(), "hpc", payload)
 }
 
 fn execution(t: &TaskDescription, token: Token) -> Execution {
