@@ -226,6 +226,8 @@ async fn duplicated_and_reordered_pushes_never_regress_state() {
             fake.pushes().iter().filter(|(x, _)| *x == id).count() >= 2
         })
         .await;
+        // On the paused clock this advances only once every task is idle, i.e. after the
+        // engine has processed (and dropped) the late pushes: not a guess at timing.
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(
             e.get(id).await.unwrap().version,
