@@ -267,12 +267,17 @@ async fn rss_per_pending(n: usize) -> (f64, u64) {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let n = if quick { 20_000 } else { 100_000 };
+    // `--only=a`, `--only=b`, `--only=c` (or a combination such as `--only=ab`) runs a subset.
+    let only = std::env::args()
+        .find_map(|a| a.strip_prefix("--only=").map(str::to_owned))
+        .unwrap_or_else(|| "abc".to_owned());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
         println!("engine bench: {n} lifecycles per measurement, 2 runs each, best kept\n");
+        if only.contains('a') {
         // (a) memory
         let mut best_engine = Duration::MAX;
         let mut best_bare = Duration::MAX;
@@ -284,6 +289,8 @@ fn main() {
         let bps = n as f64 / best_bare.as_secs_f64();
         println!("(a) MemoryStore : {:>10.0} lifecycles/s  ({:.2?} for {n})", eps, best_engine);
         println!("    bare loop   : {:>10.0} lifecycles/s  ({:.2?})   engine/bare time ratio {:.1}x", bps, best_bare, best_engine.as_secs_f64() / best_bare.as_secs_f64());
+        }
+        if only.contains('b') {
         // (b) sqlite
         let m = n / 2;
         let mut best_engine = Duration::MAX;
@@ -305,8 +312,11 @@ fn main() {
             best_raw,
             best_engine.as_secs_f64() / best_raw.as_secs_f64()
         );
+        }
+        if only.contains('c') {
         // (c) memory per pending execution
         let (per, total) = rss_per_pending(100_000).await;
         println!("(c) RSS: {:.0} bytes per pending execution at 100k pending ({:.1} MiB total)", per, total as f64 / 1048576.0);
+        }
     });
 }

@@ -81,26 +81,60 @@ impl BuildContext {
 }
 
 /// An in-process channel into the engine's notification path.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Notifier {
-    tx: Option<mpsc::UnboundedSender<(ExecutionId, Notification)>>,
+    sink: Sink,
+}
+
+type PushFn = dyn Fn(ExecutionId, Notification) -> bool + Send + Sync;
+
+#[derive(Clone)]
+enum Sink {
+    Detached,
+    Channel(mpsc::UnboundedSender<(ExecutionId, Notification)>),
+    Func(Arc<PushFn>),
+}
+
+impl std::fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sink = match &self.sink {
+            Sink::Detached => "detached",
+            Sink::Channel(_) => "channel",
+            Sink::Func(_) => "function",
+        };
+        f.debug_struct("Notifier").field("sink", &sink).finish()
+    }
 }
 
 impl Notifier {
-    /// A notifier feeding `tx` (the engine's side).
+    /// A notifier feeding `tx` (test harnesses that want to see what an adapter pushes).
     pub fn new(tx: mpsc::UnboundedSender<(ExecutionId, Notification)>) -> Self {
-        Self { tx: Some(tx) }
+        Self {
+            sink: Sink::Channel(tx),
+        }
+    }
+    /// A notifier calling `f` on the pusher's own thread (the engine's side: it authenticates
+    /// the push there and hands it to the engine without an extra task in between). `f` returns
+    /// whether anything is listening; it MUST NOT block.
+    pub fn from_fn(f: impl Fn(ExecutionId, Notification) -> bool + Send + Sync + 'static) -> Self {
+        Self {
+            sink: Sink::Func(Arc::new(f)),
+        }
     }
     /// A notifier that drops everything (outside an engine).
     pub fn detached() -> Self {
-        Self { tx: None }
+        Self {
+            sink: Sink::Detached,
+        }
     }
     /// Pushes `notification` about `execution`. Returns false if no engine is listening.
     /// Delivery is best effort: the engine's polling is the hedge for anything lost.
     pub fn send(&self, execution: ExecutionId, notification: Notification) -> bool {
-        self.tx
-            .as_ref()
-            .is_some_and(|tx| tx.send((execution, notification)).is_ok())
+        match &self.sink {
+            Sink::Detached => false,
+            Sink::Channel(tx) => tx.send((execution, notification)).is_ok(),
+            Sink::Func(f) => f(execution, notification),
+        }
     }
 }
 

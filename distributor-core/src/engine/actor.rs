@@ -101,6 +101,8 @@ pub(crate) struct Actor {
     dispatch_started: HashMap<ExecutionId, tokio::time::Instant>,
     finished: Vec<ExecutionId>,
     held: HashMap<ExecutionId, Vec<Notification>>,
+    /// Results of adapter calls that answered without waiting, handled in the next turn.
+    ready: Vec<Done>,
 }
 
 pub(crate) async fn route_deferred(
@@ -155,6 +157,7 @@ impl Actor {
             dispatch_started: HashMap::new(),
             finished: Vec::new(),
             held: HashMap::new(),
+            ready: Vec::new(),
         };
         for inst in init.catalog.values() {
             a.snapshots.insert(
@@ -239,6 +242,33 @@ impl Actor {
         loop {
             let wake = self.timers.first().map(|(t, _)| self.clock.instant_of(*t));
             let mut stop = None;
+            if !self.ready.is_empty() {
+                // Results of calls that answered inline: handle them with whatever else is
+                // queued, without waiting, so they share one commit.
+                for d in std::mem::take(&mut self.ready) {
+                    self.on_done(d);
+                }
+                let mut n = 0;
+                while stop.is_none() && n < self.settings.max_batch {
+                    match cmds.try_recv() {
+                        Ok(cmd) => stop = self.on_cmd(cmd),
+                        Err(_) => break,
+                    }
+                    n += 1;
+                }
+                while let Ok(d) = done_rx.try_recv() {
+                    self.on_done(d);
+                }
+                if wake.is_some_and(|w| w <= tokio::time::Instant::now()) {
+                    self.fire_timers();
+                }
+                self.flush().await;
+                if let Some(tx) = stop {
+                    let _ = tx.send(());
+                    return;
+                }
+                continue;
+            }
             tokio::select! {
                 biased;
                 _ = alive.changed() => return,
@@ -651,7 +681,12 @@ impl Actor {
         {
             return Err(NotificationRejection::Stale);
         }
-        if let Some(rec) = self.mark(id) {
+        // Recorded in memory at once (a later stale or duplicate push is refused from now on)
+        // but not written on its own: it is persisted with the transition the push causes, in
+        // the same commit. A push that changes nothing costs no write; if the engine dies
+        // before its next write, a replayed copy is handled again, which cannot regress a
+        // state (terminal states never change, and states only move forward).
+        if let Some(rec) = self.live.get_mut(&id) {
             if let Some(s) = n.sequence {
                 rec.last_sequence = s;
             }
@@ -1313,17 +1348,14 @@ impl Actor {
                             .push((rec.execution(), who));
                     }
                 }
-                Effect::Recover(id) => self.call(id, |d, e, done, id| async move {
-                    let r = d.recover(&e).await;
-                    let _ = done.send(Done::Status(id, r, Who::Recovery));
+                Effect::Recover(id) => self.call(id, |d, e, id| async move {
+                    Done::Status(id, d.recover(&e).await, Who::Recovery)
                 }),
-                Effect::Cancel(id) => self.call(id, |d, e, done, id| async move {
-                    let r = d.cancel(&e).await;
-                    let _ = done.send(Done::Cancel(id, r));
+                Effect::Cancel(id) => self.call(id, |d, e, id| async move {
+                    Done::Cancel(id, d.cancel(&e).await)
                 }),
-                Effect::Notification(id, n) => self.call(id, move |d, e, done, id| async move {
-                    let r = d.handle_notification(&e, &n).await;
-                    let _ = done.send(Done::Notification(id, r));
+                Effect::Notification(id, n) => self.call(id, move |d, e, id| async move {
+                    Done::Notification(id, d.handle_notification(&e, &n).await)
                 }),
                 Effect::Deferred(did) => {
                     let Some((name, work)) = self.deferred.get(&did).cloned() else {
@@ -1334,13 +1366,16 @@ impl Actor {
                         .iter()
                         .find(|((n, _), _)| *n == name)
                         .map(|(_, i)| i.clone());
-                    let done = self.done_tx.clone();
                     match inst {
                         Some(inst) => {
-                            tokio::spawn(async move {
-                                let r = inst.distributor().handle_deferred(&work).await;
-                                let _ = done.send(Done::Deferred(did, work.execution_id, r));
-                            });
+                            let span = tracing::debug_span!("deferred", distributor = %name);
+                            self.start(
+                                async move {
+                                    let r = inst.distributor().handle_deferred(&work).await;
+                                    vec![Done::Deferred(did, work.execution_id, r)]
+                                },
+                                span,
+                            );
                         }
                         None => {
                             tracing::warn!(distributor = %name, "deferred work for an unknown distributor")
@@ -1353,34 +1388,31 @@ impl Actor {
             let Some(inst) = self.snapshots.get(&(name, hash)).cloned() else {
                 continue;
             };
-            let done = self.done_tx.clone();
             let span = tracing::debug_span!("poll", distributor = %inst.name(), n = batch.len());
-            tokio::spawn(
+            self.start(
                 async move {
                     let d = inst.distributor();
                     if batch.len() > 1 && d.capabilities().batch_status {
                         let execs: Vec<Execution> = batch.iter().map(|(e, _)| e.clone()).collect();
-                        let results = d.status_batch(&execs).await;
-                        let mut results = results.into_iter();
-                        for (e, who) in batch {
-                            let r = results.next().unwrap_or_else(|| {
-                                Err(Error::permanent("status_batch returned too few results"))
-                            });
-                            let _ = done.send(Done::Status(e.id, r, who));
-                        }
+                        let mut results = d.status_batch(&execs).await.into_iter();
+                        batch
+                            .into_iter()
+                            .map(|(e, who)| {
+                                let r = results.next().unwrap_or_else(|| {
+                                    Err(Error::permanent("status_batch returned too few results"))
+                                });
+                                Done::Status(e.id, r, who)
+                            })
+                            .collect()
                     } else {
                         let calls = batch.into_iter().map(|(e, who)| {
                             let d = d.clone();
-                            let done = done.clone();
-                            async move {
-                                let r = d.status(&e).await;
-                                let _ = done.send(Done::Status(e.id, r, who));
-                            }
+                            async move { Done::Status(e.id, d.status(&e).await, who) }
                         });
-                        futures::future::join_all(calls).await;
+                        futures::future::join_all(calls).await
                     }
-                }
-                .instrument(span),
+                },
+                span,
             );
         }
     }
@@ -1389,29 +1421,43 @@ impl Actor {
         tracing::info_span!("execution", id = %rec.id, distributor = %rec.distributor, kind = %rec.kind, attempt = rec.attempt.0)
     }
 
-    fn call<F, Fut>(&self, id: ExecutionId, f: F)
+    /// Starts an adapter call. The call is polled once right here: an adapter that answers
+    /// without waiting (an in-process backend, a cached status) is handled in this actor turn,
+    /// with no task spawned and no thread woken. A call that has to wait is moved to its own
+    /// task, and its result comes back through the done channel.
+    fn start<Fut>(&mut self, fut: Fut, span: tracing::Span)
     where
-        F: FnOnce(
-            Arc<dyn crate::Distributor>,
-            Execution,
-            mpsc::UnboundedSender<Done>,
-            ExecutionId,
-        ) -> Fut,
-        Fut: std::future::Future<Output = ()> + Send + 'static,
+        Fut: std::future::Future<Output = Vec<Done>> + Send + 'static,
+    {
+        let mut fut = Box::pin(fut.instrument(span));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match fut.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(done) => self.ready.extend(done),
+            std::task::Poll::Pending => {
+                let tx = self.done_tx.clone();
+                tokio::spawn(async move {
+                    for d in fut.await {
+                        let _ = tx.send(d);
+                    }
+                });
+            }
+        }
+    }
+
+    fn call<F, Fut>(&mut self, id: ExecutionId, f: F)
+    where
+        F: FnOnce(Arc<dyn crate::Distributor>, Execution, ExecutionId) -> Fut,
+        Fut: std::future::Future<Output = Done> + Send + 'static,
     {
         let (Some(rec), Some(inst)) = (self.live.get(&id), self.instance(id)) else {
             return;
         };
-        let fut = f(
-            inst.distributor().clone(),
-            rec.execution(),
-            self.done_tx.clone(),
-            id,
-        );
-        tokio::spawn(fut.instrument(Self::span(rec)));
+        let fut = f(inst.distributor().clone(), rec.execution(), id);
+        let span = Self::span(rec);
+        self.start(async move { vec![fut.await] }, span);
     }
 
-    fn call_run(&self, id: ExecutionId) {
+    fn call_run(&mut self, id: ExecutionId) {
         let (Some(rec), Some(inst)) = (self.live.get(&id), self.instance(id)) else {
             tracing::error!(execution = %id, "no distributor instance for a dispatch");
             return;
@@ -1433,15 +1479,9 @@ impl Actor {
             timeouts: rec.task.timeouts,
             labels: rec.task.labels.clone(),
         };
-        let done = self.done_tx.clone();
         let d = inst.distributor().clone();
-        tokio::spawn(
-            async move {
-                let r = d.run(&desc).await;
-                let _ = done.send(Done::Run(id, r));
-            }
-            .instrument(Self::span(rec)),
-        );
+        let span = Self::span(rec);
+        self.start(async move { vec![Done::Run(id, d.run(&desc).await)] }, span);
     }
 }
 

@@ -305,9 +305,22 @@ impl EngineBuilder {
             },
         };
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-        let (notify_tx, notify_rx) = mpsc::unbounded_channel();
         let (deferred_tx, deferred_rx) = mpsc::unbounded_channel();
-        let notifier = Notifier::new(notify_tx);
+        let clock = self.clock.unwrap_or_default();
+        let auth = Auth::new(secret);
+        // In-process pushes are authenticated on the pusher's thread and go straight to the
+        // actor; the actor answers into a dropped channel (the pusher does not wait for the
+        // commit). Refusals are logged here.
+        let notifier = {
+            let (auth, cmd) = (auth.clone(), cmd_tx.clone());
+            Notifier::from_fn(move |id, n| match authenticate(&auth, clock, id, n) {
+                Ok(n) => cmd.send(Cmd::Notify(id, n, oneshot::channel().0)).is_ok(),
+                Err(e) => {
+                    tracing::debug!(execution = %id, error = %e, "in-process notification refused");
+                    !cmd.is_closed()
+                }
+            })
+        };
         let dtx = deferred_tx.clone();
         let catalog = self
             .registry
@@ -319,14 +332,13 @@ impl EngineBuilder {
             .await?;
         let (events, _) = broadcast::channel(self.settings.event_capacity.max(16));
         let (alive_tx, alive_rx) = tokio::sync::watch::channel(());
-        let clock = self.clock.unwrap_or_default();
         let shared = Arc::new(Shared {
             cmd: cmd_tx,
             events: events.clone(),
             store: store.clone(),
             registry: self.registry.clone(),
             catalog: RwLock::new(Arc::new(catalog.clone())),
-            auth: Auth::new(secret),
+            auth,
             clock,
             notifier: notifier.clone(),
             deferred_tx,
@@ -348,10 +360,6 @@ impl EngineBuilder {
         })
         .await?;
         tokio::spawn(actor.run(cmd_rx, alive_rx));
-        tokio::spawn(route_notifications(
-            Arc::downgrade(&engine.shared),
-            notify_rx,
-        ));
         tokio::spawn(actor::route_deferred(
             engine.shared.cmd.clone(),
             deferred_rx,
@@ -360,28 +368,21 @@ impl EngineBuilder {
     }
 }
 
-/// Feeds in-process pushes into the engine without waiting for each one to commit: the
-/// token is checked here, and the actor answers into a dropped channel.
-async fn route_notifications(
-    shared: std::sync::Weak<Shared>,
-    mut rx: mpsc::UnboundedReceiver<(ExecutionId, Notification)>,
-) {
-    while let Some((id, n)) = rx.recv().await {
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        match Engine::authenticate(&shared, id, n) {
-            Ok(n) => {
-                let (tx, _) = oneshot::channel();
-                if shared.cmd.send(Cmd::Notify(id, n, tx)).is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                tracing::debug!(execution = %id, error = %e, "in-process notification refused")
-            }
-        }
-    }
+/// Checks and strips the `auth_token` attribute of a push about `id`.
+fn authenticate(
+    auth: &Auth,
+    clock: Clock,
+    id: ExecutionId,
+    mut n: Notification,
+) -> Result<Notification> {
+    let Some(token) = n.attributes.remove("auth_token") else {
+        return Err(Error::NotificationRejected(
+            NotificationRejection::MissingToken,
+        ));
+    };
+    auth.verify(&token, id, clock.now())
+        .map_err(Error::NotificationRejected)?;
+    Ok(n)
 }
 
 impl Engine {
@@ -524,22 +525,8 @@ impl Engine {
     /// Errors: [`Error::NotificationRejected`] for a missing, forged, expired or other-execution
     /// token, an unknown or finished execution, or a stale/duplicate update; nothing changes then.
     pub async fn notify(&self, id: ExecutionId, n: Notification) -> Result<()> {
-        let n = Self::authenticate(&self.shared, id, n)?;
+        let n = authenticate(&self.shared.auth, self.shared.clock, id, n)?;
         self.call(|r| Cmd::Notify(id, n, r)).await
-    }
-
-    /// Checks and strips the `auth_token` attribute.
-    fn authenticate(shared: &Shared, id: ExecutionId, mut n: Notification) -> Result<Notification> {
-        let Some(token) = n.attributes.remove("auth_token") else {
-            return Err(Error::NotificationRejected(
-                NotificationRejection::MissingToken,
-            ));
-        };
-        shared
-            .auth
-            .verify(&token, id, shared.clock.now())
-            .map_err(Error::NotificationRejected)?;
-        Ok(n)
     }
 
     /// Replaces the distributors config. New executions use the new instances; executions in
