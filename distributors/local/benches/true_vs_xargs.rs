@@ -1,20 +1,34 @@
-//! Wall time of N executions of `true` through the local adapter alone (no engine, no store),
-//! two at a time, next to `xargs -P2` running the same N in the same run.
+//! Wall time of N executions of `true`, two at a time, through the engine + `SqliteStore` + the
+//! local adapter (issue 4's figure), through the local adapter alone, next to `xargs -P2` and GNU
+//! `parallel -j2` running the same N in the same run.
 //!
 //! Run with: `cargo bench -p distributor-local --bench true_vs_xargs`
-//! (`LOCAL_BENCH_N` sets N, default 2000; `LOCAL_BENCH_PARALLEL` the parallelism, default 2).
+//! (`LOCAL_BENCH_N` sets N, default 2000; `LOCAL_BENCH_PARALLEL` the parallelism, default 2;
+//! `LOCAL_BENCH_ROUNDS` how many rounds of all four, default 1).
 //!
-//! The adapter side submits every task with `run` (most wait queued), and is done when the
-//! watcher of each has pushed `finished`; each execution gets its state directory, log files,
-//! supervisor and exit record, as in production. The engine + SQLite figure of issue 4 is
-//! measured by the orchestrator's bench, not here.
+//! - engine: one `submit_many` of N tasks `{"argv": ["true"]}` to an engine with a `local`
+//!   instance (`max_parallel` = parallelism) and a `SqliteStore` on a temp file, then `wait` on
+//!   each; every execution must end `Succeeded`. The time includes the engine's durable writes.
+//! - adapter alone: every task is given to `run` (most wait queued); done when the watcher of
+//!   each has pushed `finished`.
+//! - `xargs -P2 -n1 true`, N lines on stdin.
+//! - `parallel -j2 true ::: …` (GNU parallel, arguments from a file with `-a`). When `parallel`
+//!   is missing, the bench installs the Debian package (`apt-get install -y parallel`, as root or
+//!   through `sudo -n`); if that fails it says so and leaves the column out.
+//!
+//! Each execution gets its state directory, log files, supervisor and exit record, as in
+//! production.
 
+use std::io::Write;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use distributor_core::store::SqliteStore;
 use distributor_core::{
-    Attempt, AuthToken, BuildContext, DistributorName, ExecutionId, KindConfig, NotificationRoute,
-    Notifier, RequestId, TaskDescription, TaskId, Timeouts,
+    Attempt, AuthToken, BuildContext, DistributorName, DistributorsConfig, Engine, ExecutionId,
+    KindConfig, NotificationRoute, Notifier, Registry, RequestId, State, Task, TaskDescription,
+    TaskId, Timeouts,
 };
 use distributor_local::LocalConfig;
 use serde_json::json;
@@ -26,6 +40,43 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// N executions through engine + SQLite store + local adapter.
+async fn engine(n: usize, parallel: usize) -> Duration {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = Registry::new()
+        .register::<LocalConfig>()
+        .expect("register local");
+    let doc = json!({"distributors": {"local": {
+        "kind": "local",
+        "state_dir": dir.path().join("local"),
+        "max_parallel": parallel,
+    }}});
+    let config = DistributorsConfig::from_value(&registry, "bench", &doc).expect("config");
+    let store = SqliteStore::open(dir.path().join("store.db"))
+        .await
+        .expect("sqlite");
+    let engine = Engine::builder()
+        .registry(registry)
+        .distributors(config)
+        .store_arc(Arc::new(store))
+        .build()
+        .await
+        .expect("engine");
+    let t0 = Instant::now();
+    let ids = engine
+        .submit_many(vec![Task::new("local", json!({"argv": ["true"]})); n])
+        .await
+        .expect("submit");
+    for id in ids {
+        let r = engine.wait(id).await.expect("wait");
+        assert_eq!(r.state, State::Succeeded, "{r:?}");
+    }
+    let d = t0.elapsed();
+    engine.shutdown().await;
+    d
+}
+
+/// N executions through the local adapter alone (no engine, no store).
 async fn adapter(n: usize, parallel: usize) -> Duration {
     let state = tempfile::tempdir().expect("tempdir");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -79,11 +130,81 @@ fn xargs(n: usize, parallel: usize) -> Duration {
         .spawn()
         .expect("xargs");
     if let Some(mut stdin) = child.stdin.take() {
-        use std::io::Write;
         stdin.write_all(input.as_bytes()).expect("feed xargs");
     }
     assert!(child.wait().expect("xargs").success());
     t0.elapsed()
+}
+
+fn have_parallel() -> bool {
+    Command::new("parallel")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether GNU parallel is available, installing the Debian package when it is not.
+fn ensure_parallel() -> Result<(), String> {
+    if have_parallel() {
+        return Ok(());
+    }
+    eprintln!("GNU parallel not found: installing the Debian package `parallel`");
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let (program, prefix): (&str, &[&str]) = if root {
+        ("apt-get", &[])
+    } else {
+        ("sudo", &["-n", "apt-get"])
+    };
+    let run = |args: &[&str]| {
+        Command::new(program)
+            .args(prefix)
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| format!("{program}: {e}"))
+            .and_then(|s| {
+                s.success()
+                    .then_some(())
+                    .ok_or_else(|| format!("`{program} {}` failed: {s}", args.join(" ")))
+            })
+    };
+    if run(&["install", "-y", "-q", "parallel"]).is_err() {
+        run(&["update", "-q"])?;
+        run(&["install", "-y", "-q", "parallel"])?;
+    }
+    if have_parallel() {
+        Ok(())
+    } else {
+        Err("`parallel` still missing after installing the package".into())
+    }
+}
+
+fn gnu_parallel(n: usize, parallel: usize) -> Duration {
+    let mut args = tempfile::NamedTempFile::new().expect("tempfile");
+    for i in 0..n {
+        writeln!(args, "{i}").expect("write args");
+    }
+    let t0 = Instant::now();
+    let status = Command::new("parallel")
+        .args(["--will-cite", "-j", &parallel.to_string(), "-a"])
+        .arg(args.path())
+        .arg("true")
+        .status()
+        .expect("parallel");
+    assert!(status.success(), "parallel: {status}");
+    t0.elapsed()
+}
+
+fn line(name: &str, d: Duration, n: usize) {
+    println!(
+        "  {name:<28} {:>8.3} s  ({:>5.0}/s)",
+        d.as_secs_f64(),
+        n as f64 / d.as_secs_f64()
+    );
 }
 
 fn main() {
@@ -95,22 +216,38 @@ fn main() {
         20
     };
     let parallel = env("LOCAL_BENCH_PARALLEL", 2).max(1);
+    let rounds = env("LOCAL_BENCH_ROUNDS", 1).max(1);
+    let gnu = if benching {
+        ensure_parallel()
+    } else {
+        Err("not benching".into())
+    };
+    if let Err(why) = &gnu {
+        println!("GNU parallel column left out: {why}");
+    }
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let local = rt.block_on(adapter(n, parallel));
-    let x = xargs(n, parallel);
-    println!("{n} x `true`, {parallel} at a time");
-    println!(
-        "  local adapter: {:>8.3} s  ({:.0}/s)",
-        local.as_secs_f64(),
-        n as f64 / local.as_secs_f64()
-    );
-    println!(
-        "  xargs -P{parallel}:    {:>8.3} s  ({:.0}/s)",
-        x.as_secs_f64(),
-        n as f64 / x.as_secs_f64()
-    );
-    println!(
-        "  ratio local/xargs: {:.2}x",
-        local.as_secs_f64() / x.as_secs_f64()
-    );
+    for round in 1..=rounds {
+        let e = rt.block_on(engine(n, parallel));
+        let a = rt.block_on(adapter(n, parallel));
+        let x = xargs(n, parallel);
+        let p = gnu.is_ok().then(|| gnu_parallel(n, parallel));
+        println!("round {round}/{rounds}: {n} x `true`, {parallel} at a time");
+        line("engine + SQLite + local", e, n);
+        line("local adapter alone", a, n);
+        line(&format!("xargs -P{parallel} -n1 true"), x, n);
+        if let Some(p) = p {
+            line(&format!("parallel -j{parallel} true"), p, n);
+        }
+        println!(
+            "  ratio engine/xargs: {:.2}x (goal <= 1.25x); adapter/xargs: {:.2}x",
+            e.as_secs_f64() / x.as_secs_f64(),
+            a.as_secs_f64() / x.as_secs_f64()
+        );
+        if let Some(p) = p {
+            println!(
+                "  ratio parallel/engine: {:.2}x (goal >= 4x)",
+                p.as_secs_f64() / e.as_secs_f64()
+            );
+        }
+    }
 }
