@@ -26,10 +26,10 @@ use crate::registry::Registry;
 use crate::types::{DistributorName, KindName};
 
 /// SHA-256 of an instance's kind and canonical config JSON, hex-encoded. Stable across key order
-/// and file format (TOML or JSON).
+/// and file format (TOML or JSON). Clones share one string.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct ConfigHash(pub String);
+pub struct ConfigHash(std::sync::Arc<str>);
 
 impl ConfigHash {
     /// The hash of `kind` + `config`.
@@ -38,7 +38,12 @@ impl ConfigHash {
         h.update(kind.as_bytes());
         h.update([0]);
         h.update(canonical(config).as_bytes());
-        Self(hex::encode(h.finalize()))
+        Self(hex::encode(h.finalize()).into())
+    }
+
+    /// The hex string.
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 

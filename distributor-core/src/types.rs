@@ -31,12 +31,12 @@ macro_rules! str_id {
         $(#[$m])*
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(transparent)]
-        pub struct $name(String);
+        pub struct $name(std::sync::Arc<str>);
 
         impl $name {
-            /// Wraps a string.
+            /// Wraps a string. Clones share it (a reference count, no copy).
             pub fn new(s: impl Into<String>) -> Self {
-                Self(s.into())
+                Self(std::sync::Arc::from(s.into()))
             }
             /// The string form.
             pub fn as_str(&self) -> &str {
@@ -52,13 +52,13 @@ macro_rules! str_id {
 
         impl From<&str> for $name {
             fn from(s: &str) -> Self {
-                Self(s.to_owned())
+                Self(std::sync::Arc::from(s))
             }
         }
 
         impl From<String> for $name {
             fn from(s: String) -> Self {
-                Self(s)
+                Self(std::sync::Arc::from(s))
             }
         }
     };
@@ -100,7 +100,7 @@ str_id!(
 impl RequestId {
     /// A fresh random request id.
     pub fn random() -> Self {
-        Self(uuid::Uuid::new_v4().to_string())
+        Self(uuid::Uuid::new_v4().to_string().into())
     }
 }
 

@@ -1,6 +1,6 @@
 //! The actor that owns every live execution. See the module docs of [`crate::engine`].
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +15,10 @@ use crate::error::{Error, NotificationRejection, Result};
 use crate::registry::{BuildContext, DeferredQueue, Instance, Notifier, Registry};
 use crate::store::{Store, Write};
 use crate::types::*;
+
+/// The actor's maps are keyed by small ids it made itself (not by outside input), so a fast
+/// non-cryptographic hasher is enough; SipHash showed up in profiles.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// What the actor needs to start.
 pub(crate) struct Init {
@@ -141,22 +145,22 @@ impl Actor {
             notify_target: init.notify_target,
             done_tx,
             done_rx: Some(done_rx),
-            snapshots: HashMap::new(),
-            live: HashMap::new(),
+            snapshots: HashMap::default(),
+            live: HashMap::default(),
             timers: BTreeSet::new(),
-            wake_of: HashMap::new(),
-            busy: HashMap::new(),
-            waiters: HashMap::new(),
-            deferred: HashMap::new(),
+            wake_of: HashMap::default(),
+            busy: HashMap::default(),
+            waiters: HashMap::default(),
+            deferred: HashMap::default(),
             next_id: 1,
             next_deferred: 1,
-            dirty: HashMap::new(),
+            dirty: HashMap::default(),
             dirty_order: Vec::new(),
             extra_writes: Vec::new(),
             effects: Vec::new(),
-            dispatch_started: HashMap::new(),
+            dispatch_started: HashMap::default(),
             finished: Vec::new(),
-            held: HashMap::new(),
+            held: HashMap::default(),
             ready: Vec::new(),
         };
         for inst in init.catalog.values() {
@@ -484,19 +488,8 @@ impl Actor {
             }
             Cmd::Notify(id, n, reply) => self.on_notify(id, n, reply),
             Cmd::Wait(id, tx) => match self.live.get(&id) {
-                Some(r) if !r.state.is_terminal() => self.waiters.entry(id).or_default().push(tx),
                 Some(_) => self.waiters.entry(id).or_default().push(tx),
-                None => {
-                    let store = self.store.clone();
-                    tokio::spawn(async move {
-                        let r = match store.get(id).await {
-                            Ok(Some(rec)) => Ok(rec),
-                            Ok(None) => Err(Error::UnknownExecution(id)),
-                            Err(e) => Err(e),
-                        };
-                        let _ = tx.send(r);
-                    });
-                }
+                None => self.answer_for_unknown(id, tx, Ok),
             },
             Cmd::Reload(catalog, reply) => {
                 for inst in catalog.values() {
@@ -533,21 +526,26 @@ impl Actor {
 
     /// Answers a command about an execution that is not live: `ok` if it exists (finished),
     /// `UnknownExecution` otherwise.
-    fn answer_for_unknown(
+    /// Answers a request about an execution that is not live from the store: at once when the
+    /// store answers without waiting (memory), else from a task of its own.
+    fn answer_for_unknown<T: Send + 'static>(
         &mut self,
         id: ExecutionId,
-        reply: oneshot::Sender<Result<()>>,
-        ok: impl FnOnce(ExecutionRecord) -> Result<()> + Send + 'static,
+        reply: oneshot::Sender<Result<T>>,
+        ok: impl FnOnce(ExecutionRecord) -> Result<T> + Send + 'static,
     ) {
         let store = self.store.clone();
-        tokio::spawn(async move {
+        let fut = async move {
             let r = match store.get(id).await {
                 Ok(Some(rec)) => ok(rec),
                 Ok(None) => Err(Error::UnknownExecution(id)),
                 Err(e) => Err(e),
             };
             let _ = reply.send(r);
-        });
+        };
+        if let Err(fut) = poll_once(fut) {
+            tokio::spawn(fut);
+        }
     }
 
     fn submit(&mut self, task: super::Task, instance: Instance) -> ExecutionId {
@@ -565,7 +563,8 @@ impl Actor {
             instance.shared_config(),
             hash,
         );
-        let rec = ExecutionRecord::queued(id, TaskId(id.0), Attempt(1), task, snapshot, now);
+        let rec =
+            ExecutionRecord::queued(id, TaskId(id.0), Attempt(1), Arc::new(task), snapshot, now);
         self.insert(rec, Who::User, "submitted");
         self.dispatch(id);
         id
@@ -1325,7 +1324,7 @@ impl Actor {
 
     fn act(&mut self, effects: Vec<Effect>) {
         let mut polls: HashMap<(DistributorName, ConfigHash), Vec<(Execution, Who)>> =
-            HashMap::new();
+            HashMap::default();
         for eff in effects {
             match eff {
                 Effect::Event(e) => {
@@ -1429,11 +1428,9 @@ impl Actor {
     where
         Fut: std::future::Future<Output = Vec<Done>> + Send + 'static,
     {
-        let mut fut = Box::pin(fut.instrument(span));
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match fut.as_mut().poll(&mut cx) {
-            std::task::Poll::Ready(done) => self.ready.extend(done),
-            std::task::Poll::Pending => {
+        match poll_once(fut.instrument(span)) {
+            Ok(done) => self.ready.extend(done),
+            Err(fut) => {
                 let tx = self.done_tx.clone();
                 tokio::spawn(async move {
                     for d in fut.await {
@@ -1482,6 +1479,19 @@ impl Actor {
         let d = inst.distributor().clone();
         let span = Self::span(rec);
         self.start(async move { vec![Done::Run(id, d.run(&desc).await)] }, span);
+    }
+}
+
+/// Polls `fut` once: its output if it finished without waiting, else the pinned future, to be
+/// spawned (its first poll in the task registers the task's waker in place of the no-op one).
+fn poll_once<F: std::future::Future>(
+    fut: F,
+) -> std::result::Result<F::Output, std::pin::Pin<Box<F>>> {
+    let mut fut = Box::pin(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => Ok(out),
+        std::task::Poll::Pending => Err(fut),
     }
 }
 

@@ -229,8 +229,8 @@ pub struct ExecutionRecord {
     pub attempt: Attempt,
     /// Idempotency key handed to `run`.
     pub request_id: RequestId,
-    /// The task as submitted.
-    pub task: Task,
+    /// The task as submitted (shared by every copy of the record: it never changes).
+    pub task: Arc<Task>,
     /// The resolved instance name (aliases followed).
     pub distributor: DistributorName,
     /// Config snapshot: kind.
@@ -297,7 +297,7 @@ impl ExecutionRecord {
         id: ExecutionId,
         task_id: TaskId,
         attempt: Attempt,
-        task: Task,
+        task: Arc<Task>,
         snapshot: (DistributorName, KindName, Arc<Value>, ConfigHash),
         now: Timestamp,
     ) -> Self {

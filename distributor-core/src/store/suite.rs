@@ -33,7 +33,7 @@ pub fn sample_record(id: u64, state: State) -> ExecutionRecord {
         ExecutionId(id),
         TaskId(id),
         Attempt(1),
-        task,
+        std::sync::Arc::new(task),
         snapshot,
         Timestamp(1),
     );

@@ -461,6 +461,13 @@ struct Snapshot {
     changed: watch::Receiver<()>,
 }
 
+/// Sleeps until `at`, or not at all when it has passed (no timer registered, no wake-up).
+async fn sleep_until_due(at: Instant) {
+    if Instant::now() < at {
+        sleep_until(at).await;
+    }
+}
+
 /// Sequence numbers of the two updates of one execution.
 const RUNNING: u64 = 1;
 const FINISHED: u64 = 2;
@@ -480,7 +487,7 @@ async fn push_loop(backend: FakeBackend, token: Token, notifier: Notifier) {
             let send_running = ran && !running_sent;
             if snap.mode == PushMode::Reorder {
                 if end.reported {
-                    sleep_until(end.at + snap.delay).await;
+                    sleep_until_due(end.at + snap.delay).await;
                     backend.send(
                         &notifier,
                         &snap,
@@ -494,11 +501,11 @@ async fn push_loop(backend: FakeBackend, token: Token, notifier: Notifier) {
                 }
             } else {
                 if send_running {
-                    sleep_until(snap.running_at + snap.delay).await;
+                    sleep_until_due(snap.running_at + snap.delay).await;
                     backend.send(&notifier, &snap, &token, &Status::Running, RUNNING);
                 }
                 if end.reported {
-                    sleep_until(end.at + snap.delay).await;
+                    sleep_until_due(end.at + snap.delay).await;
                     backend.send(
                         &notifier,
                         &snap,
@@ -511,7 +518,7 @@ async fn push_loop(backend: FakeBackend, token: Token, notifier: Notifier) {
             return;
         }
         if now >= snap.running_at && !running_sent && snap.mode != PushMode::Reorder {
-            sleep_until(snap.running_at + snap.delay).await;
+            sleep_until_due(snap.running_at + snap.delay).await;
             backend.send(&notifier, &snap, &token, &Status::Running, RUNNING);
             running_sent = true;
             continue;
