@@ -141,81 +141,55 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn apply(&self, batch: &[Write]) -> Result<()> {
+        // Records and history rows go to SQLite as multi-row statements (a few per batch, not
+        // one per row): every statement is a round trip to sqlx's SQLite thread, and those
+        // round trips, not SQLite's own work, dominated the cost of a commit. A batch is cut
+        // into segments in which every record appears once, so that changes to one record
+        // within a batch still apply in order.
         let mut tx = self.pool.begin().await.map_err(store_err("begin"))?;
+        let mut seg = Segment::default();
+        let mut ids = std::collections::HashSet::new();
+        let mut others = Vec::new();
         for w in batch {
             match w {
                 Write::Insert { record, history } => {
-                    sqlx::query("INSERT INTO executions (id, task_id, state, live, distributor, version, record) VALUES (?, ?, ?, ?, ?, ?, ?)")
-                        .bind(record.id.0 as i64)
-                        .bind(record.task_id.0 as i64)
-                        .bind(record.state.as_str())
-                        .bind(!record.state.is_terminal())
-                        .bind(record.distributor.as_str())
-                        .bind(record.version as i64)
-                        .bind(serde_json::to_string(record).map_err(json_err)?)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(|e| match &e {
-                            sqlx::Error::Database(d) if d.is_unique_violation() => Error::Conflict(record.id),
-                            _ => store_err("insert")(e),
-                        })?;
-                    for h in history {
-                        insert_history(&mut tx, h).await?;
+                    if !ids.insert(record.id) {
+                        seg.write(&mut tx).await?;
+                        ids.clear();
+                        ids.insert(record.id);
                     }
+                    seg.inserts.push(RecordRow::of(record, 0)?);
+                    seg.history.extend(
+                        history
+                            .iter()
+                            .map(HistoryRow::of)
+                            .collect::<Result<Vec<_>>>()?,
+                    );
                 }
                 Write::Update {
                     record,
                     expected_version,
                     history,
                 } => {
-                    let done = sqlx::query("UPDATE executions SET state = ?, live = ?, version = ?, record = ? WHERE id = ? AND version = ?")
-                        .bind(record.state.as_str())
-                        .bind(!record.state.is_terminal())
-                        .bind(record.version as i64)
-                        .bind(serde_json::to_string(record).map_err(json_err)?)
-                        .bind(record.id.0 as i64)
-                        .bind(*expected_version as i64)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(store_err("update"))?;
-                    if done.rows_affected() != 1 {
-                        return Err(Error::Conflict(record.id));
+                    if !ids.insert(record.id) {
+                        seg.write(&mut tx).await?;
+                        ids.clear();
+                        ids.insert(record.id);
                     }
-                    for h in history {
-                        insert_history(&mut tx, h).await?;
-                    }
+                    seg.updates.push(RecordRow::of(record, *expected_version)?);
+                    seg.history.extend(
+                        history
+                            .iter()
+                            .map(HistoryRow::of)
+                            .collect::<Result<Vec<_>>>()?,
+                    );
                 }
-                Write::Meta { key, value } => {
-                    sqlx::query("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
-                        .bind(key)
-                        .bind(value)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(store_err("meta"))?;
-                }
-                Write::PutDeferred {
-                    id,
-                    distributor,
-                    work,
-                } => {
-                    sqlx::query(
-                        "INSERT OR REPLACE INTO deferred (id, distributor, work) VALUES (?, ?, ?)",
-                    )
-                    .bind(*id as i64)
-                    .bind(distributor.as_str())
-                    .bind(serde_json::to_string(work).map_err(json_err)?)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(store_err("deferred"))?;
-                }
-                Write::DeleteDeferred { id } => {
-                    sqlx::query("DELETE FROM deferred WHERE id = ?")
-                        .bind(*id as i64)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(store_err("deferred"))?;
-                }
+                other => others.push(other),
             }
+        }
+        seg.write(&mut tx).await?;
+        for w in others {
+            apply_other(&mut tx, w).await?;
         }
         tx.commit().await.map_err(store_err("commit"))
     }
@@ -330,16 +304,228 @@ impl Store for SqliteStore {
     }
 }
 
-async fn insert_history(
+/// Rows of a batch in which every record appears at most once.
+#[derive(Default)]
+struct Segment {
+    inserts: Vec<RecordRow>,
+    updates: Vec<RecordRow>,
+    history: Vec<HistoryRow>,
+}
+
+/// One history row: execution id, version, entry JSON.
+struct HistoryRow(i64, i64, String);
+
+impl HistoryRow {
+    fn of(h: &HistoryEntry) -> Result<Self> {
+        Ok(Self(
+            h.execution_id.0 as i64,
+            h.version as i64,
+            serde_json::to_string(h).map_err(json_err)?,
+        ))
+    }
+}
+
+impl Segment {
+    /// Writes and empties the segment: inserts, then compare-and-set updates, then history.
+    async fn write(&mut self, tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>) -> Result<()> {
+        while !self.inserts.is_empty() {
+            let chunk: Vec<RecordRow> = self
+                .inserts
+                .drain(..chunk_len(self.inserts.len()))
+                .collect();
+            let ids: Vec<i64> = chunk.iter().map(|r| r.id).collect();
+            let sql = multi_row(
+                "INSERT INTO executions (id, task_id, state, live, distributor, version, record) VALUES ",
+                "(?, ?, ?, ?, ?, ?, ?)",
+                chunk.len(),
+                "",
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = q
+                    .bind(r.id)
+                    .bind(r.task_id)
+                    .bind(r.state)
+                    .bind(r.live)
+                    .bind(r.distributor)
+                    .bind(r.version)
+                    .bind(r.json);
+            }
+            if let Err(e) = q.execute(&mut **tx).await {
+                return Err(match &e {
+                    sqlx::Error::Database(d) if d.is_unique_violation() => {
+                        Error::Conflict(first_existing(tx, &ids).await?)
+                    }
+                    _ => store_err("insert")(e),
+                });
+            }
+        }
+        while !self.updates.is_empty() {
+            let chunk: Vec<RecordRow> = self
+                .updates
+                .drain(..chunk_len(self.updates.len()))
+                .collect();
+            let expect: Vec<(i64, i64)> = chunk.iter().map(|r| (r.id, r.version)).collect();
+            // Compare-and-set on every row: a row whose stored version is not the expected one
+            // is not updated, and the count falls short.
+            let sql = multi_row(
+                "WITH u (id, state, live, version, record, expected) AS (VALUES ",
+                "(?, ?, ?, ?, ?, ?)",
+                chunk.len(),
+                ") UPDATE executions SET state = u.state, live = u.live, version = u.version, \
+                     record = u.record FROM u WHERE executions.id = u.id \
+                     AND executions.version = u.expected",
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = q
+                    .bind(r.id)
+                    .bind(r.state)
+                    .bind(r.live)
+                    .bind(r.version)
+                    .bind(r.json)
+                    .bind(r.expected);
+            }
+            let done = q.execute(&mut **tx).await.map_err(store_err("update"))?;
+            if done.rows_affected() != expect.len() as u64 {
+                return Err(Error::Conflict(first_stale(tx, &expect).await?));
+            }
+        }
+        while !self.history.is_empty() {
+            let n = chunk_len(self.history.len());
+            let sql = multi_row(
+                "INSERT OR REPLACE INTO history (execution_id, version, entry) VALUES ",
+                "(?, ?, ?)",
+                n,
+                "",
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for HistoryRow(e, v, entry) in self.history.drain(..n) {
+                q = q.bind(e).bind(v).bind(entry);
+            }
+            q.execute(&mut **tx).await.map_err(store_err("history"))?;
+        }
+        Ok(())
+    }
+}
+
+/// One execution row to write.
+struct RecordRow {
+    id: i64,
+    task_id: i64,
+    state: &'static str,
+    live: bool,
+    distributor: String,
+    version: i64,
+    expected: i64,
+    json: String,
+}
+
+impl RecordRow {
+    fn of(r: &ExecutionRecord, expected: u64) -> Result<Self> {
+        Ok(Self {
+            id: r.id.0 as i64,
+            task_id: r.task_id.0 as i64,
+            state: r.state.as_str(),
+            live: !r.state.is_terminal(),
+            distributor: r.distributor.as_str().to_owned(),
+            version: r.version as i64,
+            expected: expected as i64,
+            json: serde_json::to_string(r).map_err(json_err)?,
+        })
+    }
+}
+
+/// Rows per multi-row statement: a few fixed sizes, so that sqlx's statement cache holds a
+/// handful of prepared statements, and well under SQLite's 32,766 bound parameters.
+const CHUNKS: [usize; 4] = [256, 32, 4, 1];
+
+/// How many of `left` rows the next statement takes.
+fn chunk_len(left: usize) -> usize {
+    CHUNKS.into_iter().find(|c| *c <= left).unwrap_or(1)
+}
+
+fn multi_row(head: &str, row: &str, n: usize, tail: &str) -> String {
+    let mut sql = String::with_capacity(head.len() + (row.len() + 2) * n + tail.len());
+    sql.push_str(head);
+    for i in 0..n {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(row);
+    }
+    sql.push_str(tail);
+    sql
+}
+
+/// After a short update count: the first `(id, new version)` whose row does not carry
+/// its new version (it was not at the expected one, or does not exist).
+async fn first_stale(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    h: &HistoryEntry,
-) -> Result<()> {
-    sqlx::query("INSERT OR REPLACE INTO history (execution_id, version, entry) VALUES (?, ?, ?)")
-        .bind(h.execution_id.0 as i64)
-        .bind(h.version as i64)
-        .bind(serde_json::to_string(h).map_err(json_err)?)
-        .execute(&mut **tx)
-        .await
-        .map_err(store_err("history"))?;
+    expect: &[(i64, i64)],
+) -> Result<ExecutionId> {
+    for (id, version) in expect {
+        let v: Option<i64> = sqlx::query_scalar("SELECT version FROM executions WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(store_err("update"))?;
+        if v != Some(*version) {
+            return Ok(ExecutionId(*id as u64));
+        }
+    }
+    Ok(ExecutionId(expect.first().map_or(0, |e| e.0) as u64))
+}
+
+/// After a unique violation: the first of `ids` already stored.
+async fn first_existing(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    ids: &[i64],
+) -> Result<ExecutionId> {
+    for id in ids {
+        let found: Option<i64> = sqlx::query_scalar("SELECT id FROM executions WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(store_err("insert"))?;
+        if found.is_some() {
+            return Ok(ExecutionId(*id as u64));
+        }
+    }
+    Ok(ExecutionId(ids.first().copied().unwrap_or(0) as u64))
+}
+
+async fn apply_other(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, w: &Write) -> Result<()> {
+    match w {
+        Write::Meta { key, value } => {
+            sqlx::query("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+                .bind(key)
+                .bind(value)
+                .execute(&mut **tx)
+                .await
+                .map_err(store_err("meta"))?;
+        }
+        Write::PutDeferred {
+            id,
+            distributor,
+            work,
+        } => {
+            sqlx::query("INSERT OR REPLACE INTO deferred (id, distributor, work) VALUES (?, ?, ?)")
+                .bind(*id as i64)
+                .bind(distributor.as_str())
+                .bind(serde_json::to_string(work).map_err(json_err)?)
+                .execute(&mut **tx)
+                .await
+                .map_err(store_err("deferred"))?;
+        }
+        Write::DeleteDeferred { id } => {
+            sqlx::query("DELETE FROM deferred WHERE id = ?")
+                .bind(*id as i64)
+                .execute(&mut **tx)
+                .await
+                .map_err(store_err("deferred"))?;
+        }
+        Write::Insert { .. } | Write::Update { .. } => {}
+    }
     Ok(())
 }

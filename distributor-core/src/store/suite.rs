@@ -80,6 +80,7 @@ pub async fn run_all(store: &dyn Store) {
     list_filters(store).await;
     live_and_max_id(store).await;
     meta_and_deferred(store).await;
+    large_batches(store).await;
 }
 
 async fn insert_get_and_history(store: &dyn Store) {
@@ -157,6 +158,53 @@ async fn batch_is_atomic(store: &dyn Store) {
     let w3 = advance(&mut c, State::Pending);
     store.apply(&[w1, w2, w3]).await.expect("chained batch");
     assert_eq!(store.get(ExecutionId(5)).await.unwrap().unwrap().version, 3);
+}
+
+/// Batches far larger than one statement's worth of rows (stores may write many rows per
+/// statement): one record changed several times among hundreds of others keeps its order, and
+/// one stale row deep in the batch fails the whole batch with its id.
+async fn large_batches(store: &dyn Store) {
+    let mut recs: Vec<ExecutionRecord> = (1000..1300)
+        .map(|i| sample_record(i, State::Queued))
+        .collect();
+    let mut batch: Vec<Write> = recs.iter().map(insert).collect();
+    let mut chained = sample_record(1300, State::Queued);
+    batch.push(insert(&chained));
+    for to in [State::Dispatching, State::Pending, State::Running] {
+        batch.push(advance(&mut chained, to));
+    }
+    store.apply(&batch).await.expect("large batch");
+    let stored = store.get(ExecutionId(1300)).await.unwrap().unwrap();
+    assert_eq!((stored.state, stored.version), (State::Running, 4));
+    assert_eq!(store.history(ExecutionId(1300)).await.unwrap().len(), 4);
+    // 300 updates, the 290th with a stale expected version.
+    let mut batch: Vec<Write> = recs
+        .iter_mut()
+        .map(|r| advance(r, State::Dispatching))
+        .collect();
+    if let Write::Update {
+        expected_version, ..
+    } = &mut batch[289]
+    {
+        *expected_version = 7;
+    }
+    let err = store.apply(&batch).await.unwrap_err();
+    assert!(matches!(err, Error::Conflict(ExecutionId(1289))), "{err}");
+    for id in [1000, 1288, 1299] {
+        assert_eq!(
+            store.get(ExecutionId(id)).await.unwrap().unwrap().state,
+            State::Queued,
+            "partial batch applied ({id})"
+        );
+    }
+    // 300 inserts, one of an existing id.
+    let mut batch: Vec<Write> = (1400..1700)
+        .map(|i| insert(&sample_record(i, State::Queued)))
+        .collect();
+    batch[150] = insert(&sample_record(1150, State::Queued));
+    let err = store.apply(&batch).await.unwrap_err();
+    assert!(matches!(err, Error::Conflict(ExecutionId(1150))), "{err}");
+    assert_eq!(store.get(ExecutionId(1400)).await.unwrap(), None);
 }
 
 async fn list_filters(store: &dyn Store) {
@@ -277,7 +325,7 @@ mod tests {
         // And the data is durable across a reopen.
         drop(store);
         let store = SqliteStore::open(dir.path().join("s.db")).await.unwrap();
-        assert_eq!(store.max_id().await.unwrap(), 19);
+        assert_eq!(store.max_id().await.unwrap(), 1300);
         assert_eq!(store.meta("secret").await.unwrap().as_deref(), Some("b"));
     }
 }
