@@ -4,7 +4,8 @@
 //!
 //! Run with: `cargo bench -p distributor-local --bench true_vs_xargs`
 //! (`LOCAL_BENCH_N` sets N, default 2000; `LOCAL_BENCH_PARALLEL` the parallelism, default 2;
-//! `LOCAL_BENCH_ROUNDS` how many rounds of all four, default 1).
+//! `LOCAL_BENCH_ROUNDS` how many rounds, default 1; `LOCAL_BENCH_ONLY` a comma-separated subset
+//! of `engine,adapter,xargs,parallel`, for profiling).
 //!
 //! - engine: one `submit_many` of N tasks `{"argv": ["true"]}` to an engine with a `local`
 //!   instance (`max_parallel` = parallelism) and a `SqliteStore` on a temp file, then `wait` on
@@ -17,7 +18,9 @@
 //!   through `sudo -n`); if that fails it says so and leaves the column out.
 //!
 //! Each execution gets its state directory, log files, supervisor and exit record, as in
-//! production.
+//! production. State directories go under `TMPDIR` (default `/tmp`) and are removed only when
+//! the bench ends: on ext4 without a journal, creating files right after deleting many is slow
+//! (the allocator skips recently deleted inodes), and one round's cleanup would slow the next.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -41,7 +44,7 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 /// N executions through engine + SQLite store + local adapter.
-async fn engine(n: usize, parallel: usize) -> Duration {
+async fn engine(n: usize, parallel: usize) -> (Duration, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let registry = Registry::new()
         .register::<LocalConfig>()
@@ -73,11 +76,11 @@ async fn engine(n: usize, parallel: usize) -> Duration {
     }
     let d = t0.elapsed();
     engine.shutdown().await;
-    d
+    (d, dir)
 }
 
 /// N executions through the local adapter alone (no engine, no store).
-async fn adapter(n: usize, parallel: usize) -> Duration {
+async fn adapter(n: usize, parallel: usize) -> (Duration, tempfile::TempDir) {
     let state = tempfile::tempdir().expect("tempdir");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let config = LocalConfig {
@@ -118,7 +121,7 @@ async fn adapter(n: usize, parallel: usize) -> Duration {
             done += 1;
         }
     }
-    t0.elapsed()
+    (t0.elapsed(), state)
 }
 
 fn xargs(n: usize, parallel: usize) -> Duration {
@@ -199,11 +202,36 @@ fn gnu_parallel(n: usize, parallel: usize) -> Duration {
     t0.elapsed()
 }
 
-fn line(name: &str, d: Duration, n: usize) {
+/// User + system CPU time of this process and of its waited-for descendants so far.
+fn cpu() -> Duration {
+    let mut total = Duration::ZERO;
+    for who in [libc::RUSAGE_SELF, libc::RUSAGE_CHILDREN] {
+        // SAFETY: getrusage writes into the struct we own.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(who, &mut u) } == 0 {
+            for t in [u.ru_utime, u.ru_stime] {
+                total += Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+                    + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0));
+            }
+        }
+    }
+    total
+}
+
+/// Runs `f`, returning its wall time and the CPU time it used (with its processes').
+fn measured(f: impl FnOnce() -> Duration) -> (Duration, Duration) {
+    let c0 = cpu();
+    let wall = f();
+    (wall, cpu().saturating_sub(c0))
+}
+
+fn line(name: &str, (wall, cpu): (Duration, Duration), n: usize) {
     println!(
-        "  {name:<28} {:>8.3} s  ({:>5.0}/s)",
-        d.as_secs_f64(),
-        n as f64 / d.as_secs_f64()
+        "  {name:<28} {:>8.3} s  ({:>5.0}/s)  cpu {:>6.3} s ({:>4.0} us/run)",
+        wall.as_secs_f64(),
+        n as f64 / wall.as_secs_f64(),
+        cpu.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / n as f64
     );
 }
 
@@ -225,29 +253,50 @@ fn main() {
     if let Err(why) = &gnu {
         println!("GNU parallel column left out: {why}");
     }
+    let only = std::env::var("LOCAL_BENCH_ONLY").unwrap_or_default();
+    let want = |name: &str| only.is_empty() || only.split(',').any(|w| w.trim() == name);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut keep = Vec::new();
     for round in 1..=rounds {
-        let e = rt.block_on(engine(n, parallel));
-        let a = rt.block_on(adapter(n, parallel));
-        let x = xargs(n, parallel);
-        let p = gnu.is_ok().then(|| gnu_parallel(n, parallel));
+        let e = want("engine").then(|| {
+            measured(|| {
+                let (d, dir) = rt.block_on(engine(n, parallel));
+                keep.push(dir);
+                d
+            })
+        });
+        let a = want("adapter").then(|| {
+            measured(|| {
+                let (d, dir) = rt.block_on(adapter(n, parallel));
+                keep.push(dir);
+                d
+            })
+        });
+        let x = want("xargs").then(|| measured(|| xargs(n, parallel)));
+        let p = (gnu.is_ok() && want("parallel")).then(|| measured(|| gnu_parallel(n, parallel)));
         println!("round {round}/{rounds}: {n} x `true`, {parallel} at a time");
-        line("engine + SQLite + local", e, n);
-        line("local adapter alone", a, n);
-        line(&format!("xargs -P{parallel} -n1 true"), x, n);
-        if let Some(p) = p {
-            line(&format!("parallel -j{parallel} true"), p, n);
+        let columns = [
+            ("engine + SQLite + local".to_owned(), e),
+            ("local adapter alone".to_owned(), a),
+            (format!("xargs -P{parallel} -n1 true"), x),
+            (format!("parallel -j{parallel} true"), p),
+        ];
+        for (name, d) in &columns {
+            if let Some(d) = d {
+                line(name, *d, n);
+            }
         }
-        println!(
-            "  ratio engine/xargs: {:.2}x (goal <= 1.25x); adapter/xargs: {:.2}x",
-            e.as_secs_f64() / x.as_secs_f64(),
-            a.as_secs_f64() / x.as_secs_f64()
-        );
-        if let Some(p) = p {
-            println!(
-                "  ratio parallel/engine: {:.2}x (goal >= 4x)",
-                p.as_secs_f64() / e.as_secs_f64()
-            );
+        let ratio = |a: Option<(Duration, Duration)>, b: Option<(Duration, Duration)>| {
+            a.zip(b).map(|(a, b)| a.0.as_secs_f64() / b.0.as_secs_f64())
+        };
+        if let Some(r) = ratio(e, x) {
+            println!("  ratio engine/xargs:     {r:.2}x (goal <= 1.25x)");
+        }
+        if let Some(r) = ratio(p, e) {
+            println!("  ratio parallel/engine:  {r:.2}x (goal >= 4x)");
+        }
+        if let Some(r) = ratio(a, x) {
+            println!("  ratio adapter/xargs:    {r:.2}x");
         }
     }
 }

@@ -85,7 +85,10 @@ impl Distributor for LocalDistributor {
         if !ours {
             return Ok(None);
         }
-        self.local.status(&execution.token).map(Some)
+        let event = body.pointer("/local/event").and_then(Value::as_str);
+        self.local
+            .status_for_push(&execution.token, event)
+            .map(Some)
     }
 
     fn validate(&self, payload: &Value) -> Result<(), ValidationError> {

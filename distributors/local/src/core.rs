@@ -14,8 +14,7 @@
 //! | `spec.json` | `run` | request id, execution id, push token, payload, queue time (mode 0600) |
 //! | `stdin` | `run` | the payload's stdin data, if any |
 //! | `claim` | the starter / `cancel` | `start <orchestrator pid>` or `cancelled` (first wins) |
-//! | `supervisor` | the supervisor | its pid |
-//! | `pid` | the work, before exec | its pid = its process group id; its mtime is the start time |
+//! | `pid` | the work, before exec | `<its pid> <supervisor pid>`; its pid is its process group id; the file's mtime is the start time |
 //! | `exit` | the supervisor | `exited N`, `signaled N` or `unknown` |
 //! | `stop` | `cancel` / time limit | `cancel <ms>` or `time_limit <ms>` (first wins): signals after it are ours |
 //! | `error.json` | the starter | why the work could not start |
@@ -51,7 +50,8 @@ use crate::supervisor::{self, group_alive, process_alive, signal_group, signal_n
 const SPEC: &str = "spec.json";
 const STDIN: &str = "stdin";
 const CLAIM: &str = "claim";
-const SUPERVISOR: &str = "supervisor";
+/// Where layouts before the single `pid` record kept the supervisor's pid.
+const OLD_SUPERVISOR: &str = "supervisor";
 const PID: &str = "pid";
 const EXIT: &str = "exit";
 const STOP: &str = "stop";
@@ -66,6 +66,9 @@ const SPEC_VERSION: u32 = 1;
 const MAX_POLL: Duration = Duration::from_millis(500);
 /// How many bytes at the end of a log file are searched for its last lines.
 const TAIL_BYTES: u64 = 64 * 1024;
+/// How many finished statuses an instance keeps in memory (answers to the pushes and polls that
+/// follow an execution's end, without reading its directory again).
+const FINISHED_CACHE: usize = 4096;
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
 
@@ -95,6 +98,23 @@ struct Inner {
     slots: HashMap<Token, Arc<Notify>>,
     /// Executions waiting for a slot, oldest first.
     queue: VecDeque<Token>,
+    /// Final statuses derived by watchers, most recent last (at most [`FINISHED_CACHE`]). A
+    /// finished execution's files no longer change, so these equal what `status` would read.
+    finished: HashMap<Token, Status>,
+    finished_order: VecDeque<Token>,
+}
+
+impl Inner {
+    fn remember_finished(&mut self, token: &Token, status: Status) {
+        if self.finished.insert(token.clone(), status).is_none() {
+            self.finished_order.push_back(token.clone());
+        }
+        while self.finished_order.len() > FINISHED_CACHE {
+            if let Some(old) = self.finished_order.pop_front() {
+                self.finished.remove(&old);
+            }
+        }
+    }
 }
 
 /// What `run` records before anything starts.
@@ -457,7 +477,7 @@ impl Local {
                 {
                     let _ = signal_group(pid, libc::SIGTERM);
                 }
-                self.attach(token, Waiter::Child(child));
+                self.attach_with(token, Waiter::Child(child), Some(spec.clone()));
                 Ok(true)
             }
             Err(e) => {
@@ -530,6 +550,12 @@ impl Local {
 
     /// Spawns the watcher of `token` (its slot is already held).
     fn attach(self: &Arc<Self>, token: &Token, waiter: Waiter) {
+        self.attach_with(token, waiter, None);
+    }
+
+    /// Spawns the watcher of `token`; `fresh` is the spec of work this instance has just started
+    /// (its state is known: the watcher skips reading it until something happens).
+    fn attach_with(self: &Arc<Self>, token: &Token, waiter: Waiter, fresh: Option<Spec>) {
         let wake = {
             let mut g = self.lock();
             g.slots
@@ -539,15 +565,43 @@ impl Local {
         };
         let this = Arc::clone(self);
         let token = token.clone();
-        tokio::spawn(async move { this.watch(token, waiter, wake).await });
+        tokio::spawn(async move { this.watch(token, waiter, wake, fresh).await });
     }
 
     /// Follows one execution until it is finished: enforces its time limit and the kill after
     /// the grace period, then frees the slot and pushes `finished`.
-    async fn watch(self: Arc<Self>, token: Token, mut waiter: Waiter, wake: Arc<Notify>) {
+    async fn watch(
+        self: Arc<Self>,
+        token: Token,
+        mut waiter: Waiter,
+        wake: Arc<Notify>,
+        mut fresh: Option<Spec>,
+    ) {
         let dir = self.path(&token);
         let mut spec = None;
         loop {
+            if let Some(started) = fresh.take() {
+                // Just started by this instance: running, no stop recorded (a cancel that raced
+                // with the start was signalled by the starter and wakes us). The time limit
+                // counts from the `pid` record, written before the spawn returned: a limit from
+                // now is at most a few milliseconds late, and exact once re-read.
+                let deadline = started
+                    .payload
+                    .time_limit_ms
+                    .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+                spec = Some(started);
+                tokio::select! {
+                    () = waiter.wait() => {}
+                    () = wake.notified() => {}
+                    () = async {
+                        match deadline {
+                            Some(d) => tokio::time::sleep_until(d).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
+                }
+                continue;
+            }
             let snap = match read_snapshot(&dir) {
                 Ok(Some(s)) => s,
                 Ok(None) => break,
@@ -558,10 +612,17 @@ impl Local {
                     continue;
                 }
             };
-            let next = self.enforce(&dir, &snap).next;
-            let finished = matches!(self.derive(&dir, &snap), Ok(Status::Finished(_)));
+            let enforced = self.enforce(&dir, &snap);
+            let next = enforced.next;
+            let status = if enforced.changed {
+                // A stop was just recorded: the snapshot is stale; next round reads again.
+                Ok(Status::Running)
+            } else {
+                self.derive(&dir, &snap)
+            };
             spec = Some(snap.spec);
-            if finished {
+            if let Ok(status @ Status::Finished(_)) = status {
+                self.lock().remember_finished(&token, status);
                 break;
             }
             let deadline = next.map(instant_of);
@@ -598,6 +659,9 @@ impl Local {
         let Some(dir) = self.dir_of(token) else {
             return Ok(missing(token, "is not a token of the local distributor"));
         };
+        if let Some(done) = self.lock().finished.get(token) {
+            return Ok(done.clone());
+        }
         let Some(snap) = read_snapshot(&dir)? else {
             return Ok(missing(
                 token,
@@ -611,6 +675,19 @@ impl Local {
             }
         }
         self.derive(&dir, &snap)
+    }
+
+    /// The answer to a push of `event` for `token`: `Running` without reading the directory for
+    /// the `running` push of work this instance watches (its `finished` push follows), else
+    /// [`Self::status`].
+    pub(crate) fn status_for_push(&self, token: &Token, event: Option<&str>) -> Result<Status> {
+        if event == Some(Event::Running.as_str()) {
+            let g = self.lock();
+            if g.slots.contains_key(token) && !g.finished.contains_key(token) {
+                return Ok(Status::Running);
+            }
+        }
+        self.status(token)
     }
 
     /// `status`, and make sure running or queued work is followed by this instance.
@@ -1072,11 +1149,24 @@ fn read_error(dir: &Path) -> Result<Option<StartError>> {
     })))
 }
 
+/// The `pid` record: the work's pid (= its process group) and, when recorded, its supervisor's.
+fn read_pids(dir: &Path) -> (Option<i32>, Option<i32>) {
+    let Some(body) = read_opt(&dir.join(PID)).ok().flatten() else {
+        return (None, None);
+    };
+    let mut it = body
+        .split_whitespace()
+        .map(|w| w.parse::<i32>().ok().filter(|p| *p > 1));
+    let pid = it.next().flatten();
+    let supervisor = it.next().flatten();
+    (pid, supervisor)
+}
+
 fn read_pid(dir: &Path, name: &str) -> Option<i32> {
     read_opt(&dir.join(name))
         .ok()
         .flatten()
-        .and_then(|s| s.trim().parse().ok())
+        .and_then(|s| s.split_whitespace().next().and_then(|w| w.parse().ok()))
         .filter(|p: &i32| *p > 1)
 }
 
@@ -1095,14 +1185,17 @@ fn read_snapshot(dir: &Path) -> Result<Option<Snapshot>> {
     let claim = read_opt(&dir.join(CLAIM))
         .map_err(|e| io_err(dir, e))?
         .and_then(|s| Claim::parse(&s));
-    let pid = read_pid(dir, PID);
+    let (pid, supervisor) = read_pids(dir);
     let started_at = pid.and_then(|_| {
         fs::metadata(dir.join(PID))
             .and_then(|m| m.modified())
             .ok()
             .map(Timestamp::from)
     });
-    let supervisor = read_pid(dir, SUPERVISOR);
+    let supervisor = match (pid, supervisor) {
+        (Some(_), None) => read_pid(dir, OLD_SUPERVISOR),
+        _ => supervisor,
+    };
     let exit = read_opt(&dir.join(EXIT))
         .map_err(|e| io_err(dir, e))?
         .map(|s| ExitRecord::parse(&s));
@@ -1190,10 +1283,14 @@ fn tail(path: &Path, n: usize) -> Vec<String> {
     if n == 0 {
         return Vec::new();
     }
+    // One `stat` for the common empty log, instead of open + fstat + read + close.
+    let len = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    if len == 0 {
+        return Vec::new();
+    }
     let Ok(mut f) = File::open(path) else {
         return Vec::new();
     };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let start = len.saturating_sub(TAIL_BYTES);
     let mut buf = Vec::new();
     if f.seek(SeekFrom::Start(start)).is_err() || f.take(TAIL_BYTES).read_to_end(&mut buf).is_err()

@@ -8,13 +8,18 @@
 //!
 //! 1. calls `setsid()` (its own session and process group: a Ctrl-C or a SIGKILL aimed at the
 //!    orchestrator's group does not reach it) and resets inherited signal handlers;
-//! 2. writes its pid to `supervisor`;
-//! 3. forks the **work**, which calls `setpgid(0, 0)` (its own process group, so that cancel can
-//!    signal the whole group without touching the supervisor), writes its pid to `pid`, and
-//!    returns into the standard library, which sets the environment and `execvp`s the program;
-//! 4. closes every inherited descriptor above stderr, `waitpid`s the work and writes `exited N` or
+//! 2. forks the **work**, which calls `setpgid(0, 0)` (its own process group, so that cancel can
+//!    signal the whole group without touching the supervisor), writes `<its pid> <supervisor
+//!    pid>` to `pid` (one record for both), and returns into the standard library, which sets
+//!    the environment and `execvp`s the program;
+//! 3. closes every inherited descriptor above stderr, `waitpid`s the work and writes `exited N` or
 //!    `signaled N` to `exit` (write to a temporary file, then `rename`: readers never see a
 //!    partial record), and `_exit`s.
+//!
+//! The records are not `fsync`ed: a `rename` makes them atomic and durable across the death of
+//! any process (the orchestrator, the supervisor, the work), which is what re-attachment needs;
+//! after a power loss or kernel crash the processes are gone anyway and a record may be missing
+//! (the execution then ends `Crashed` or `Missing`, never with a wrong exit status).
 //!
 //! The orchestrator is only the supervisor's parent: if it dies (even by SIGKILL) the supervisor
 //! is re-parented to init, the work keeps running, and the exit status still lands in the state
@@ -38,8 +43,6 @@ use std::path::Path;
 /// The files the supervisor and the work write, as C strings prepared before forking.
 #[derive(Debug)]
 struct Files {
-    supervisor_tmp: CString,
-    supervisor: CString,
     pid_tmp: CString,
     pid: CString,
     exit_tmp: CString,
@@ -51,7 +54,7 @@ fn cpath(dir: &Path, name: &str) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
 }
 
-/// Spawns `cmd` as supervised work whose state files go to `dir` (`supervisor`, `pid`, `exit`).
+/// Spawns `cmd` as supervised work whose state files go to `dir` (`pid`, `exit`).
 ///
 /// Returns the supervisor as a tokio child: waiting on it tells when the exit record is written.
 /// `cmd` MUST NOT have `pre_exec` hooks or a process group set: both are done here.
@@ -60,8 +63,6 @@ pub(crate) fn spawn(
     dir: &Path,
 ) -> io::Result<tokio::process::Child> {
     let files = Files {
-        supervisor_tmp: cpath(dir, ".supervisor.tmp")?,
-        supervisor: cpath(dir, "supervisor")?,
         pid_tmp: cpath(dir, ".pid.tmp")?,
         pid: cpath(dir, "pid")?,
         exit_tmp: cpath(dir, ".exit.tmp")?,
@@ -104,7 +105,7 @@ fn supervise(f: &Files, max_fd: i32) -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
         reset_signal_handlers();
-        write_number_file(&f.supervisor_tmp, &f.supervisor, b"", libc::getpid())?;
+        let supervisor = libc::getpid();
         let work = libc::fork();
         if work == -1 {
             return Err(io::Error::last_os_error());
@@ -114,7 +115,7 @@ fn supervise(f: &Files, max_fd: i32) -> io::Result<()> {
             if libc::setpgid(0, 0) == -1 {
                 return Err(io::Error::last_os_error());
             }
-            write_number_file(&f.pid_tmp, &f.pid, b"", libc::getpid())?;
+            write_numbers_file(&f.pid_tmp, &f.pid, b"", &[libc::getpid(), supervisor])?;
             return Ok(());
         }
         // The supervisor: drop every inherited descriptor (the orchestrator's sockets, database,
@@ -134,9 +135,19 @@ fn supervise(f: &Files, max_fd: i32) -> io::Result<()> {
         let written = if !reaped {
             write_file(&f.exit_tmp, &f.exit, b"unknown\n")
         } else if libc::WIFEXITED(status) {
-            write_number_file(&f.exit_tmp, &f.exit, b"exited ", libc::WEXITSTATUS(status))
+            write_numbers_file(
+                &f.exit_tmp,
+                &f.exit,
+                b"exited ",
+                &[libc::WEXITSTATUS(status)],
+            )
         } else if libc::WIFSIGNALED(status) {
-            write_number_file(&f.exit_tmp, &f.exit, b"signaled ", libc::WTERMSIG(status))
+            write_numbers_file(
+                &f.exit_tmp,
+                &f.exit,
+                b"signaled ",
+                &[libc::WTERMSIG(status)],
+            )
         } else {
             write_file(&f.exit_tmp, &f.exit, b"unknown\n")
         };
@@ -189,42 +200,49 @@ unsafe fn close_from(first: i32, max_fd: i32) {
     }
 }
 
-/// Writes `prefix` + decimal `n` + `\n` to `tmp`, then renames it to `path`.
+/// Writes `prefix` + the decimal `numbers` separated by spaces + `\n` to `tmp`, then renames it
+/// to `path`. At most two numbers.
 ///
 /// # Safety
 /// Async-signal-safe.
-unsafe fn write_number_file(
+unsafe fn write_numbers_file(
     tmp: &CString,
     path: &CString,
     prefix: &[u8],
-    n: libc::c_int,
+    numbers: &[libc::c_int],
 ) -> io::Result<()> {
-    let mut buf = [0u8; 48];
+    let mut buf = [0u8; 64];
     let mut len = 0;
     for &b in prefix.iter().take(24) {
         buf[len] = b;
         len += 1;
     }
-    let mut digits = [0u8; 12];
-    let mut d = 0;
-    let mut v = i64::from(n);
-    if v < 0 {
-        buf[len] = b'-';
-        len += 1;
-        v = -v;
-    }
-    loop {
-        digits[d] = b'0' + (v % 10) as u8;
-        d += 1;
-        v /= 10;
-        if v == 0 {
-            break;
+    for (i, &n) in numbers.iter().take(2).enumerate() {
+        if i > 0 {
+            buf[len] = b' ';
+            len += 1;
         }
-    }
-    while d > 0 {
-        d -= 1;
-        buf[len] = digits[d];
-        len += 1;
+        let mut digits = [0u8; 12];
+        let mut d = 0;
+        let mut v = i64::from(n);
+        if v < 0 {
+            buf[len] = b'-';
+            len += 1;
+            v = -v;
+        }
+        loop {
+            digits[d] = b'0' + (v % 10) as u8;
+            d += 1;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        while d > 0 {
+            d -= 1;
+            buf[len] = digits[d];
+            len += 1;
+        }
     }
     buf[len] = b'\n';
     len += 1;

@@ -158,6 +158,50 @@ async fn success_captures_output_and_pushes() {
 }
 
 #[tokio::test]
+async fn remembered_final_status_matches_the_state_directory() {
+    let state = tempfile::tempdir().unwrap();
+    let (d, mut pushes) = build(config(state.path())).await;
+    let e = start(
+        &d,
+        1,
+        json!({"argv": ["sh", "-c", "echo out; echo err >&2; exit 3"]}),
+    )
+    .await;
+    // After the `finished` push the instance answers from the status its watcher derived.
+    loop {
+        let (_, n) = tokio::time::timeout(DEADLINE, pushes.recv())
+            .await
+            .expect("push in time")
+            .expect("channel open");
+        if n.sequence == Some(2) {
+            break;
+        }
+    }
+    let remembered = d.status(&e).await.unwrap();
+    let (kind, reason) = match &remembered {
+        Status::Finished(o) => abnormal(o),
+        other => panic!("expected finished, got {other:?}"),
+    };
+    assert_eq!(kind, AbnormalKind::Failed);
+    assert!(
+        reason.contains("code 3") && reason.contains("err"),
+        "{reason}"
+    );
+    // A fresh instance reads the same from the directory.
+    let (fresh, _) = build(config(state.path())).await;
+    assert_eq!(fresh.status(&e).await.unwrap(), remembered);
+    // One start record: the work's pid (its process group) and its supervisor's.
+    let record = std::fs::read_to_string(state.path().join("req-1/pid")).unwrap();
+    let pids: Vec<i32> = record
+        .split_whitespace()
+        .map(|w| w.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2, "{record:?}");
+    assert_ne!(pids[0], pids[1]);
+    assert!(!state.path().join("req-1/supervisor").exists());
+}
+
+#[tokio::test]
 async fn nonzero_exit_is_failed_with_code() {
     let state = tempfile::tempdir().unwrap();
     let (d, _p) = build(config(state.path())).await;
