@@ -247,6 +247,42 @@ async fn stdin_env_and_cwd_are_applied() {
 }
 
 #[tokio::test]
+async fn clear_env_leaves_only_the_payload_and_distributor_variables() {
+    let state = tempfile::tempdir().unwrap();
+    let (d, _p) = build(config(state.path())).await;
+    // `env` runs from the payload's PATH (looked up there, as std does), in an environment of
+    // only the payload's variables and the DISTRIBUTOR_* ones.
+    let e = start(
+        &d,
+        41,
+        json!({"argv": ["env"], "clear_env": true, "env": {"PATH": "/usr/bin:/bin", "ONLY": "me"}}),
+    )
+    .await;
+    let Outcome::Succeeded { data } = finished(&d, &e).await else {
+        panic!("expected success");
+    };
+    let stdout = std::fs::read_to_string(data["stdout"].as_str().unwrap()).unwrap();
+    let mut names: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "DISTRIBUTOR_ATTEMPT",
+            "DISTRIBUTOR_EXECUTION_ID",
+            "DISTRIBUTOR_REQUEST_ID",
+            "DISTRIBUTOR_STATE_DIR",
+            "DISTRIBUTOR_TASK_ID",
+            "ONLY",
+            "PATH"
+        ]
+    );
+    assert!(stdout.contains("ONLY=me\n"), "{stdout}");
+}
+
+#[tokio::test]
 async fn argv_is_not_interpreted_by_a_shell() {
     let state = tempfile::tempdir().unwrap();
     let (d, _p) = build(config(state.path())).await;
