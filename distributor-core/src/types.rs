@@ -168,8 +168,10 @@ pub struct Timeouts {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deadlines {
     /// The work must be seen running by then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_by: Option<Timestamp>,
     /// The work must finish by then (set when it starts running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_by: Option<Timestamp>,
 }
 
@@ -258,6 +260,70 @@ impl TaskDescription {
     }
 }
 
+/// A JSON value held as compact JSON text. The engine keeps one per live execution (a task's
+/// payload): a few dozen bytes where a `serde_json::Value` tree of the same payload takes
+/// kilobytes. Built from a [`Value`] (keys sorted, no whitespace), so equal values give equal
+/// payloads; serialized verbatim into JSON.
+#[derive(Clone)]
+pub struct Payload(Box<serde_json::value::RawValue>);
+
+impl Payload {
+    /// The payload of `value`.
+    pub fn new(value: &Value) -> Self {
+        // Serializing a `Value` cannot fail, and its output is valid JSON.
+        let text = serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned());
+        Self(serde_json::value::RawValue::from_string(text).unwrap_or_else(|_| Self::null_raw()))
+    }
+    fn null_raw() -> Box<serde_json::value::RawValue> {
+        serde_json::value::RawValue::from_string("null".to_owned())
+            .unwrap_or_else(|_| unreachable!("null is JSON"))
+    }
+    /// The value, parsed (each call parses the text again).
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.0.get()).unwrap_or(Value::Null)
+    }
+    /// The compact JSON text.
+    pub fn as_json(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl From<Value> for Payload {
+    fn from(value: Value) -> Self {
+        Self::new(&value)
+    }
+}
+
+impl Default for Payload {
+    fn default() -> Self {
+        Self(Self::null_raw())
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.get())
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Value::deserialize(d).map(|v| Self::new(&v))
+    }
+}
+
 /// Versioned, adapter-private state persisted with the execution (Nomad's task handle).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AdapterHandle {
@@ -265,6 +331,13 @@ pub struct AdapterHandle {
     pub version: u32,
     /// Adapter data (pid file path, job id, lease…).
     pub data: Value,
+}
+
+impl AdapterHandle {
+    /// Whether this is the default, empty handle (version 0, no data).
+    pub fn is_empty(&self) -> bool {
+        self.version == 0 && self.data.is_null()
+    }
 }
 
 /// What a successful `run` returns.

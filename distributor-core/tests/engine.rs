@@ -867,7 +867,7 @@ async fn crash_after_the_backend_started_but_before_the_launch_was_recorded() {
         request_id: rec.request_id.clone(),
         redispatch: false,
         distributor: rec.distributor.clone(),
-        payload: rec.task.payload.clone(),
+        payload: rec.task.payload.to_value(),
         previous: None,
         notify: NotificationRoute {
             target: None,

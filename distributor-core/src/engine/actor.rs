@@ -90,7 +90,8 @@ pub(crate) struct Actor {
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: Option<mpsc::UnboundedReceiver<Done>>,
     snapshots: HashMap<(DistributorName, ConfigHash), Instance>,
-    live: HashMap<ExecutionId, ExecutionRecord>,
+    /// Live records, boxed: the map then holds pointers, so its slack costs 16 bytes a slot.
+    live: HashMap<ExecutionId, Box<ExecutionRecord>>,
     timers: BTreeSet<(Timestamp, TimerKey)>,
     wake_of: HashMap<TimerKey, Timestamp>,
     busy: HashMap<ExecutionId, Busy>,
@@ -193,7 +194,7 @@ impl Actor {
             let id = rec.id;
             let state = rec.state;
             metrics::gauge!("distributor_executions", "state" => state.as_str()).increment(1.0);
-            a.live.insert(id, rec);
+            a.live.insert(id, Box::new(rec));
             match state {
                 State::Dispatching => {
                     a.note(
@@ -597,7 +598,7 @@ impl Actor {
             },
         );
         self.dirty_order.push(id);
-        self.live.insert(id, rec);
+        self.live.insert(id, Box::new(rec));
     }
 
     fn dispatch(&mut self, id: ExecutionId) {
@@ -1250,12 +1251,12 @@ impl Actor {
             };
             writes.push(if d.inserted {
                 Write::Insert {
-                    record: rec.clone(),
+                    record: ExecutionRecord::clone(rec),
                     history: d.history,
                 }
             } else {
                 Write::Update {
-                    record: rec.clone(),
+                    record: ExecutionRecord::clone(rec),
                     expected_version: d.base_version,
                     history: d.history,
                 }
@@ -1311,7 +1312,7 @@ impl Actor {
             };
             match self.store.get(id).await {
                 Ok(Some(rec)) => {
-                    self.live.insert(id, rec);
+                    self.live.insert(id, Box::new(rec));
                     self.rearm(id);
                 }
                 _ => {
@@ -1334,7 +1335,7 @@ impl Actor {
                 Effect::Waiters(id) => {
                     if let (Some(ws), Some(rec)) = (self.waiters.remove(&id), self.live.get(&id)) {
                         for w in ws {
-                            let _ = w.send(Ok(rec.clone()));
+                            let _ = w.send(Ok(ExecutionRecord::clone(rec)));
                         }
                     }
                 }
@@ -1467,7 +1468,7 @@ impl Actor {
             request_id: rec.request_id.clone(),
             redispatch: rec.run_calls > 1,
             distributor: rec.distributor.clone(),
-            payload: rec.task.payload.clone(),
+            payload: rec.task.payload.to_value(),
             previous: rec.previous.clone(),
             notify: NotificationRoute {
                 target: self.notify_target.clone(),

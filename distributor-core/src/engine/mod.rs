@@ -426,7 +426,7 @@ impl Engine {
         let mut batch = Vec::with_capacity(tasks.len());
         for task in tasks {
             let instance = self.instance(task.distributor.as_str())?;
-            instance.validate(&task.payload)?;
+            instance.validate(&task.payload.to_value())?;
             batch.push((task, instance));
         }
         metrics::counter!("distributor_submitted_total").increment(batch.len() as u64);

@@ -1,5 +1,6 @@
 //! Execution records, the state machine and its transition table.
 
+use crate::types::Payload;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
@@ -111,10 +112,14 @@ pub struct RetryPolicy {
     /// Total attempts allowed, the first included (1 = never retry).
     pub max_attempts: u32,
     /// Retries allowed per retryable kind; a kind not listed gets `max_attempts - 1`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub per_kind: BTreeMap<AbnormalKind, u32>,
     /// Delay before a new attempt starts.
-    #[serde(default, with = "crate::types::opt_duration_ms")]
+    #[serde(
+        default,
+        with = "crate::types::opt_duration_ms",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub delay: Option<Duration>,
 }
 
@@ -158,16 +163,17 @@ impl RetryPolicy {
 pub struct Task {
     /// The distributor instance (or alias) to run on.
     pub distributor: DistributorName,
-    /// The payload, checked against the kind's payload schema at submit.
-    pub payload: Value,
+    /// The payload, checked against the kind's payload schema at submit; held as compact JSON
+    /// text (see [`Payload`]).
+    pub payload: Payload,
     /// Phase time limits.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub timeouts: Timeouts,
     /// Retries of abnormal outcomes.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub retry: RetryPolicy,
     /// Labels, for listing and for the backend.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
     pub labels: Labels,
 }
 
@@ -176,7 +182,7 @@ impl Task {
     pub fn new(distributor: impl Into<DistributorName>, payload: Value) -> Self {
         Self {
             distributor: distributor.into(),
-            payload,
+            payload: Payload::new(&payload),
             timeouts: Timeouts::default(),
             retry: RetryPolicy::default(),
             labels: Labels::new(),
@@ -218,7 +224,12 @@ impl CancelCause {
     }
 }
 
-/// The engine's full, versioned record of one execution.
+fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// The engine's full, versioned record of one execution. Serialized (by stores) without its
+/// empty and default fields, which read back as their defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecutionRecord {
     /// The execution.
@@ -245,44 +256,64 @@ pub struct ExecutionRecord {
     /// Bumped by every change; writes are compare-and-set on it.
     pub version: u64,
     /// The backend's token, once launched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<Token>,
     /// The adapter's persisted handle.
+    #[serde(default, skip_serializing_if = "AdapterHandle::is_empty")]
     pub handle: AdapterHandle,
     /// The outcome, once terminal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<Outcome>,
     /// The outcome of the previous attempt, handed to `run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<Outcome>,
     /// Absolute deadlines.
+    #[serde(default)]
     pub deadlines: Deadlines,
     /// Why it is being cancelled, while `Cancelling`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel: Option<CancelCause>,
     /// When the engine stops waiting for the work to confirm it stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel_by: Option<Timestamp>,
     /// Extra status polls made after `cancel_by` passed.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub stop_polls: u32,
     /// Consecutive transient errors of the current adapter call kind.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub transient_errors: u32,
     /// When the engine next retries a failed adapter call (`run`, `cancel`) or starts a delayed
     /// attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<Timestamp>,
     /// Whether a `cancel` call has been accepted by the adapter for this execution.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel_sent: bool,
     /// How many times `run` has been called for this execution's request id (counted durably
     /// before each call).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub run_calls: u32,
     /// Abnormal kinds of this task's earlier attempts, oldest first (for per-kind retry budgets).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub earlier_kinds: Vec<AbnormalKind>,
     /// When the next status poll is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_poll: Option<Timestamp>,
     /// Poll interval hint from the adapter.
-    #[serde(default, with = "crate::types::opt_duration_ms")]
+    #[serde(
+        default,
+        with = "crate::types::opt_duration_ms",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub poll_interval: Option<Duration>,
     /// Highest notification sequence accepted.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub last_sequence: u64,
     /// Recently seen notification message ids (bounded), to drop duplicates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub seen_messages: Vec<String>,
     /// The attempt that retried this one, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retried_by: Option<ExecutionId>,
     /// When it was created.
     pub created_at: Timestamp,
@@ -344,7 +375,7 @@ impl ExecutionRecord {
             task_id: self.task_id,
             attempt: self.attempt,
             request_id: self.request_id.clone(),
-            payload: self.task.payload.clone(),
+            payload: self.task.payload.to_value(),
             token: self.token.clone().unwrap_or_else(|| Token::new("")),
             handle: self.handle.clone(),
         }

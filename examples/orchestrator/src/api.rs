@@ -137,7 +137,7 @@ impl ExecutionView {
             outcome: r.outcome.clone(),
             token: r.token.as_ref().map(ToString::to_string),
             labels: r.task.labels.clone(),
-            payload: r.task.payload.clone(),
+            payload: r.task.payload.to_value(),
             retried_by: r.retried_by.map(|i| i.0),
             info_url,
             created_at: r.created_at,
