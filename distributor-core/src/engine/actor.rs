@@ -90,8 +90,10 @@ pub(crate) struct Actor {
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: Option<mpsc::UnboundedReceiver<Done>>,
     snapshots: HashMap<(DistributorName, ConfigHash), Instance>,
-    /// Live records, boxed: the map then holds pointers, so its slack costs 16 bytes a slot.
-    live: HashMap<ExecutionId, Box<ExecutionRecord>>,
+    /// Live records behind `Arc`s: the map's slack costs 16 bytes a slot, and a committed
+    /// batch shares the records with the store instead of copying them (changes copy on write,
+    /// and only while a store still holds the old version).
+    live: HashMap<ExecutionId, Arc<ExecutionRecord>>,
     timers: BTreeSet<(Timestamp, TimerKey)>,
     wake_of: HashMap<TimerKey, Timestamp>,
     busy: HashMap<ExecutionId, Busy>,
@@ -194,7 +196,7 @@ impl Actor {
             let id = rec.id;
             let state = rec.state;
             metrics::gauge!("distributor_executions", "state" => state.as_str()).increment(1.0);
-            a.live.insert(id, Box::new(rec));
+            a.live.insert(id, Arc::new(rec));
             match state {
                 State::Dispatching => {
                     a.note(
@@ -326,7 +328,7 @@ impl Actor {
     }
 
     fn mark(&mut self, id: ExecutionId) -> Option<&mut ExecutionRecord> {
-        let rec = self.live.get_mut(&id)?;
+        let rec = Arc::make_mut(self.live.get_mut(&id)?);
         if let std::collections::hash_map::Entry::Vacant(v) = self.dirty.entry(id) {
             v.insert(Dirty {
                 inserted: false,
@@ -598,7 +600,7 @@ impl Actor {
             },
         );
         self.dirty_order.push(id);
-        self.live.insert(id, Box::new(rec));
+        self.live.insert(id, Arc::new(rec));
     }
 
     fn dispatch(&mut self, id: ExecutionId) {
@@ -615,7 +617,7 @@ impl Actor {
         ) {
             return;
         }
-        if let Some(rec) = self.live.get_mut(&id) {
+        if let Some(rec) = self.live.get_mut(&id).map(Arc::make_mut) {
             rec.retry_at = None;
             if rec.deadlines.start_by.is_none() {
                 rec.deadlines.start_by = start.map(|d| now.plus(d));
@@ -686,7 +688,7 @@ impl Actor {
         // the same commit. A push that changes nothing costs no write; if the engine dies
         // before its next write, a replayed copy is handled again, which cannot regress a
         // state (terminal states never change, and states only move forward).
-        if let Some(rec) = self.live.get_mut(&id) {
+        if let Some(rec) = self.live.get_mut(&id).map(Arc::make_mut) {
             if let Some(s) = n.sequence {
                 rec.last_sequence = s;
             }
@@ -787,7 +789,7 @@ impl Actor {
                             format!("launched as {token}"),
                         );
                         let iv = self.poll_interval(id);
-                        if let Some(rec) = self.live.get_mut(&id) {
+                        if let Some(rec) = self.live.get_mut(&id).map(Arc::make_mut) {
                             rec.next_poll = Some(now.plus(iv));
                         }
                     }
@@ -883,7 +885,7 @@ impl Actor {
                 if matches!(state, State::Dispatching | State::Pending) {
                     let run = rec.task.timeouts.run;
                     self.transition(id, State::Running, who, "running");
-                    if let Some(rec) = self.live.get_mut(&id) {
+                    if let Some(rec) = self.live.get_mut(&id).map(Arc::make_mut) {
                         rec.deadlines.finish_by = run.map(|d| now.plus(d));
                         rec.transient_errors = 0;
                     }
@@ -903,7 +905,12 @@ impl Actor {
             }
         }
         let iv = self.poll_interval(id);
-        if let Some(rec) = self.live.get_mut(&id).filter(|r| r.token.is_some()) {
+        if let Some(rec) = self
+            .live
+            .get_mut(&id)
+            .filter(|r| r.token.is_some())
+            .map(Arc::make_mut)
+        {
             rec.next_poll = Some(now.plus(iv));
         }
         self.rearm(id);
@@ -999,7 +1006,7 @@ impl Actor {
         if !self.transition(id, State::Cancelling, Who::User, why) {
             return;
         }
-        if let Some(rec) = self.live.get_mut(&id) {
+        if let Some(rec) = self.live.get_mut(&id).map(Arc::make_mut) {
             rec.cancel = Some(cause);
             rec.cancel_by = Some(now.plus(stop));
             rec.stop_polls = 0;
@@ -1048,7 +1055,7 @@ impl Actor {
         }
         metrics::counter!("distributor_finished_total", "state" => to.as_str()).increment(1);
         self.finished.push(id);
-        let Some(rec) = self.live.get_mut(&id) else {
+        let Some(rec) = self.live.get_mut(&id).map(Arc::make_mut) else {
             return;
         };
         rec.outcome = Some(outcome.clone());
@@ -1084,7 +1091,7 @@ impl Actor {
         self.next_id += 1;
         let now = self.now();
         let delay = task.retry.delay;
-        if let Some(rec) = self.live.get_mut(&id) {
+        if let Some(rec) = self.live.get_mut(&id).map(Arc::make_mut) {
             rec.retried_by = Some(next);
         }
         let mut new =
@@ -1206,7 +1213,7 @@ impl Actor {
     fn start_poll(&mut self, id: ExecutionId, who: Who) {
         let iv = self.poll_interval(id);
         let now = self.now();
-        if let Some(rec) = self.live.get_mut(&id) {
+        if let Some(rec) = self.live.get_mut(&id).map(Arc::make_mut) {
             rec.next_poll = Some(now.plus(iv));
         }
         let b = self.busy.entry(id).or_default();
@@ -1251,12 +1258,12 @@ impl Actor {
             };
             writes.push(if d.inserted {
                 Write::Insert {
-                    record: ExecutionRecord::clone(rec),
+                    record: Arc::clone(rec),
                     history: d.history,
                 }
             } else {
                 Write::Update {
-                    record: ExecutionRecord::clone(rec),
+                    record: Arc::clone(rec),
                     expected_version: d.base_version,
                     history: d.history,
                 }
@@ -1312,7 +1319,7 @@ impl Actor {
             };
             match self.store.get(id).await {
                 Ok(Some(rec)) => {
-                    self.live.insert(id, Box::new(rec));
+                    self.live.insert(id, Arc::new(rec));
                     self.rearm(id);
                 }
                 _ => {

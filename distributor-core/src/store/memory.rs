@@ -1,7 +1,7 @@
 //! An in-memory store, for tests and benchmarks. Nothing survives the process.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
@@ -12,7 +12,7 @@ use crate::types::{DeferredWork, DistributorName, ExecutionId};
 
 #[derive(Debug, Default)]
 struct Inner {
-    records: BTreeMap<ExecutionId, ExecutionRecord>,
+    records: BTreeMap<ExecutionId, Arc<ExecutionRecord>>,
     history: HashMap<ExecutionId, Vec<HistoryEntry>>,
     meta: HashMap<String, String>,
     deferred: BTreeMap<u64, (DistributorName, DeferredWork)>,
@@ -91,7 +91,7 @@ impl Store for MemoryStore {
                 | Write::Update {
                     record, history, ..
                 } => {
-                    g.records.insert(record.id, record.clone());
+                    g.records.insert(record.id, Arc::clone(record));
                     if g.keep_history && !history.is_empty() {
                         g.history
                             .entry(record.id)
@@ -118,7 +118,11 @@ impl Store for MemoryStore {
     }
 
     async fn get(&self, id: ExecutionId) -> Result<Option<ExecutionRecord>> {
-        Ok(self.lock().records.get(&id).cloned())
+        Ok(self
+            .lock()
+            .records
+            .get(&id)
+            .map(|r| ExecutionRecord::clone(r)))
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<ExecutionRecord>> {
@@ -127,7 +131,7 @@ impl Store for MemoryStore {
             .values()
             .filter(|r| filter.matches(r))
             .take(filter.limit())
-            .cloned()
+            .map(|r| ExecutionRecord::clone(r))
             .collect())
     }
 
@@ -137,7 +141,7 @@ impl Store for MemoryStore {
             .records
             .values()
             .filter(|r| !r.state.is_terminal())
-            .cloned()
+            .map(|r| ExecutionRecord::clone(r))
             .collect())
     }
 

@@ -7,6 +7,7 @@
 //! embedded default). Both pass one test suite ([`suite`]).
 
 use std::fmt::Debug;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -29,7 +30,7 @@ pub enum Write {
     /// A new record with its history rows.
     Insert {
         /// The record.
-        record: ExecutionRecord,
+        record: Arc<ExecutionRecord>,
         /// Its history rows.
         history: Vec<HistoryEntry>,
     },
@@ -37,7 +38,7 @@ pub enum Write {
     /// the stored version is not `expected_version`.
     Update {
         /// The record, version already bumped.
-        record: ExecutionRecord,
+        record: Arc<ExecutionRecord>,
         /// The version the writer read.
         expected_version: u64,
         /// History rows of the transitions since then.

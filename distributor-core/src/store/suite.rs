@@ -56,7 +56,7 @@ fn history(r: &ExecutionRecord, from: Option<State>) -> HistoryEntry {
 
 fn insert(r: &ExecutionRecord) -> Write {
     Write::Insert {
-        record: r.clone(),
+        record: std::sync::Arc::new(r.clone()),
         history: vec![history(r, None)],
     }
 }
@@ -66,7 +66,7 @@ fn advance(r: &mut ExecutionRecord, to: State) -> Write {
     r.state = to;
     r.version += 1;
     Write::Update {
-        record: r.clone(),
+        record: std::sync::Arc::new(r.clone()),
         expected_version: r.version - 1,
         history: vec![history(r, Some(from))],
     }
@@ -139,7 +139,7 @@ async fn batch_is_atomic(store: &dyn Store) {
     let batch = [
         advance(&mut a, State::Dispatching),
         Write::Update {
-            record: stale_b,
+            record: std::sync::Arc::new(stale_b),
             expected_version: 7,
             history: vec![],
         },
