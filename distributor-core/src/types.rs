@@ -98,9 +98,11 @@ str_id!(
 );
 
 impl RequestId {
-    /// A fresh random request id.
+    /// A fresh random request id (a version 4 UUID from the thread's CSPRNG, so no system
+    /// call per id).
     pub fn random() -> Self {
-        Self(uuid::Uuid::new_v4().to_string().into())
+        let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+        Self(uuid.to_string().into())
     }
 }
 

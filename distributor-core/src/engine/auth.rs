@@ -14,7 +14,8 @@ type HmacSha256 = Hmac<Sha256>;
 /// Signs and verifies notification tokens with the engine's secret.
 #[derive(Clone)]
 pub(crate) struct Auth {
-    secret: Vec<u8>,
+    /// The MAC keyed once with the secret; each token clones it (keying hashes the secret).
+    keyed: HmacSha256,
 }
 
 impl std::fmt::Debug for Auth {
@@ -25,12 +26,13 @@ impl std::fmt::Debug for Auth {
 
 impl Auth {
     pub(crate) fn new(secret: Vec<u8>) -> Self {
-        Self { secret }
+        Self {
+            keyed: HmacSha256::new_from_slice(&secret).expect("HMAC takes keys of any length"),
+        }
     }
 
     fn mac(&self, body: &str) -> HmacSha256 {
-        let mut m =
-            HmacSha256::new_from_slice(&self.secret).expect("HMAC takes keys of any length");
+        let mut m = self.keyed.clone();
         m.update(body.as_bytes());
         m
     }
