@@ -5,13 +5,17 @@
 //! Run with: `cargo bench -p distributor-local --bench true_vs_xargs`
 //! (`LOCAL_BENCH_N` sets N, default 2000; `LOCAL_BENCH_PARALLEL` the parallelism, default 2;
 //! `LOCAL_BENCH_ROUNDS` how many rounds, default 1; `LOCAL_BENCH_ONLY` a comma-separated subset
-//! of `engine,adapter,xargs,parallel`, for profiling).
+//! of `engine,adapter,spawn,xargs,parallel`, for profiling).
 //!
 //! - engine: one `submit_many` of N tasks `{"argv": ["true"]}` to an engine with a `local`
 //!   instance (`max_parallel` = parallelism) and a `SqliteStore` on a temp file, then `wait` on
 //!   each; every execution must end `Succeeded`. The time includes the engine's durable writes.
 //! - adapter alone: every task is given to `run` (most wait queued); done when the watcher of
 //!   each has pushed `finished`.
+//! - bare spawn: `tokio::process::Command::new("true")` from this process, two at a time, no
+//!   supervisor and no state (std spawns with `posix_spawn`, no copy of this process): what
+//!   starting the work costs from a tokio program, the floor for any design that does not fork
+//!   the orchestrator per execution.
 //! - `xargs -P2 -n1 true`, N lines on stdin.
 //! - `parallel -j2 true ::: …` (GNU parallel, arguments from a file with `-a`). When `parallel`
 //!   is missing, the bench installs the Debian package (`apt-get install -y parallel`, as root or
@@ -122,6 +126,31 @@ async fn adapter(n: usize, parallel: usize) -> (Duration, tempfile::TempDir) {
         }
     }
     (t0.elapsed(), state)
+}
+
+/// N `true`s spawned directly by tokio, `parallel` at a time.
+async fn bare_spawn(n: usize, parallel: usize) -> Duration {
+    let t0 = Instant::now();
+    let mut running = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        if running.len() >= parallel {
+            running.join_next().await.expect("task").expect("join");
+        }
+        running.spawn(async {
+            let status = tokio::process::Command::new("true")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .await
+                .expect("spawn true");
+            assert!(status.success());
+        });
+    }
+    while let Some(r) = running.join_next().await {
+        r.expect("join");
+    }
+    t0.elapsed()
 }
 
 fn xargs(n: usize, parallel: usize) -> Duration {
@@ -272,12 +301,14 @@ fn main() {
                 d
             })
         });
+        let b = want("spawn").then(|| measured(|| rt.block_on(bare_spawn(n, parallel))));
         let x = want("xargs").then(|| measured(|| xargs(n, parallel)));
         let p = (gnu.is_ok() && want("parallel")).then(|| measured(|| gnu_parallel(n, parallel)));
         println!("round {round}/{rounds}: {n} x `true`, {parallel} at a time");
         let columns = [
             ("engine + SQLite + local".to_owned(), e),
             ("local adapter alone".to_owned(), a),
+            ("bare tokio spawn of `true`".to_owned(), b),
             (format!("xargs -P{parallel} -n1 true"), x),
             (format!("parallel -j{parallel} true"), p),
         ];
