@@ -85,8 +85,11 @@ impl SqliteStore {
                 Synchronous::Full => SqliteSynchronous::Full,
             })
             .busy_timeout(std::time::Duration::from_secs(5));
+        // No ping before each acquire: the database is a local file, and a ping is one more
+        // round trip to sqlx's SQLite thread per transaction and per read.
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            .test_before_acquire(false)
             .connect_with(opts)
             .await
             .map_err(store_err("open"))?;
