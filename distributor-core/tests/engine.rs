@@ -1010,3 +1010,92 @@ async fn a_push_sent_before_run_returns_is_applied_once_the_launch_is_recorded()
     let h = e.history(id).await.unwrap();
     assert_eq!(h.last().unwrap().actor, Actor::Notification, "{h:?}");
 }
+
+/// A memory store whose next `apply` calls fail, transiently or permanently, on demand.
+#[derive(Debug, Default)]
+struct FlakyStore {
+    inner: MemoryStore,
+    fail_next: std::sync::atomic::AtomicU32,
+    transient: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Store for FlakyStore {
+    async fn apply(&self, batch: &[store::Write]) -> Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self
+            .fail_next
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(Error::Store {
+                message: "injected write failure".into(),
+                transient: self.transient.load(SeqCst),
+                source: None,
+            });
+        }
+        self.inner.apply(batch).await
+    }
+    async fn get(&self, id: ExecutionId) -> Result<Option<engine::ExecutionRecord>> {
+        self.inner.get(id).await
+    }
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<engine::ExecutionRecord>> {
+        self.inner.list(filter).await
+    }
+    async fn live(&self) -> Result<Vec<engine::ExecutionRecord>> {
+        self.inner.live().await
+    }
+    async fn history(&self, id: ExecutionId) -> Result<Vec<engine::HistoryEntry>> {
+        self.inner.history(id).await
+    }
+    async fn max_id(&self) -> Result<u64> {
+        self.inner.max_id().await
+    }
+    async fn meta(&self, key: &str) -> Result<Option<String>> {
+        self.inner.meta(key).await
+    }
+    async fn deferred(&self) -> Result<Vec<(u64, DistributorName, DeferredWork)>> {
+        self.inner.deferred().await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn store_write_failures_are_retried_or_reported_and_nothing_runs_unrecorded() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let flaky = Arc::new(FlakyStore::default());
+    let e = engine_on("store-failures", flaky.clone(), Clock::new()).await;
+    let backend = FakeBackend::named("store-failures");
+
+    // Transient failures: retried with backoff, then the batch commits and the work runs.
+    flaky.transient.store(true, SeqCst);
+    flaky.fail_next.store(3, SeqCst);
+    let id = e
+        .submit(task("fake", json!({"run_for_ms": 10})))
+        .await
+        .unwrap();
+    assert_eq!(e.wait(id).await.unwrap().state, State::Succeeded);
+
+    // A permanent failure: the submit is refused, nothing was dispatched, and the engine goes
+    // on working for the next one.
+    flaky.transient.store(false, SeqCst);
+    flaky.fail_next.store(1, SeqCst);
+    let starts_before = backend.calls().len();
+    let err = e.submit(task("fake", json!({}))).await.unwrap_err();
+    assert!(err.to_string().contains("injected write failure"), "{err}");
+    assert_eq!(backend.calls().len(), starts_before, "nothing dispatched");
+    let id = e
+        .submit(task("fake", json!({"run_for_ms": 10})))
+        .await
+        .unwrap();
+    assert_eq!(e.wait(id).await.unwrap().state, State::Succeeded);
+    assert_eq!(
+        flaky
+            .inner
+            .list(&ListFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        2,
+        "the refused submit left no record"
+    );
+}

@@ -110,6 +110,18 @@ pub(crate) struct Actor {
     held: HashMap<ExecutionId, Vec<Notification>>,
     /// Results of adapter calls that answered without waiting, handled in the next turn.
     ready: Vec<Done>,
+    /// The batch being committed, if any (at most one: batches commit in order).
+    inflight: Option<InFlight>,
+    /// Told when the in-flight batch's write is over.
+    committed_tx: mpsc::UnboundedSender<()>,
+    committed_rx: Option<mpsc::UnboundedReceiver<()>>,
+}
+
+/// A batch handed to the store and what waits for it.
+struct InFlight {
+    write: tokio::task::JoinHandle<(Result<()>, Vec<Write>)>,
+    effects: Vec<Effect>,
+    finished: Vec<ExecutionId>,
 }
 
 pub(crate) async fn route_deferred(
@@ -135,6 +147,7 @@ impl Actor {
     /// Loads every live execution from the store and prepares to resume it.
     pub(crate) async fn recover(init: Init) -> Result<Self> {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let (committed_tx, committed_rx) = mpsc::unbounded_channel();
         let _ = &init.cmd_tx;
         let mut a = Actor {
             store: init.store,
@@ -165,6 +178,9 @@ impl Actor {
             finished: Vec::new(),
             held: HashMap::default(),
             ready: Vec::new(),
+            inflight: None,
+            committed_tx,
+            committed_rx: Some(committed_rx),
         };
         for inst in init.catalog.values() {
             a.snapshots.insert(
@@ -242,7 +258,9 @@ impl Actor {
         mut cmds: mpsc::UnboundedReceiver<Cmd>,
         mut alive: watch::Receiver<()>,
     ) {
-        let Some(mut done_rx) = self.done_rx.take() else {
+        let (Some(mut done_rx), Some(mut committed_rx)) =
+            (self.done_rx.take(), self.committed_rx.take())
+        else {
             return;
         };
         self.flush().await;
@@ -271,6 +289,7 @@ impl Actor {
                 }
                 self.flush().await;
                 if let Some(tx) = stop {
+                    self.settle().await;
                     let _ = tx.send(());
                     return;
                 }
@@ -309,12 +328,20 @@ impl Actor {
                         }
                     }
                 }
+                Some(()) = committed_rx.recv() => {
+                    // The notice may be for a batch already settled by a later flush.
+                    if self.inflight.as_ref().is_some_and(|f| f.write.is_finished()) {
+                        self.settle().await;
+                    }
+                    continue;
+                }
                 _ = async { match wake { Some(w) => tokio::time::sleep_until(w).await, None => std::future::pending().await } } => {
                     self.fire_timers();
                 }
             }
             self.flush().await;
             if let Some(tx) = stop {
+                self.settle().await;
                 let _ = tx.send(());
                 return;
             }
@@ -1247,10 +1274,16 @@ impl Actor {
 
     // ----- commit and act ---------------------------------------------------------------
 
+    /// Commits what this turn changed. The batch is written by a task of its own while the
+    /// actor goes on with the next turn (the store works while the actor computes), but
+    /// nothing waiting for the batch (replies, events, adapter calls, waiters) happens before
+    /// it is committed, and batches commit one at a time, in order: the previous one is
+    /// settled first.
     async fn flush(&mut self) {
         if self.dirty_order.is_empty() && self.extra_writes.is_empty() && self.effects.is_empty() {
             return;
         }
+        self.settle().await;
         let mut writes = Vec::with_capacity(self.dirty_order.len() + self.extra_writes.len());
         for id in self.dirty_order.drain(..) {
             let (Some(d), Some(rec)) = (self.dirty.remove(&id), self.live.get(&id)) else {
@@ -1270,22 +1303,61 @@ impl Actor {
             });
         }
         writes.append(&mut self.extra_writes);
-        let mut result = Ok(());
-        if !writes.is_empty() {
+        let effects = std::mem::take(&mut self.effects);
+        let finished = std::mem::take(&mut self.finished);
+        if writes.is_empty() {
+            self.after_commit(Ok(()), &[], effects, finished).await;
+            return;
+        }
+        let store = self.store.clone();
+        let settings = self.settings.clone();
+        let committed = self.committed_tx.clone();
+        let write = tokio::spawn(async move {
             let mut attempt = 0;
-            result = loop {
-                match self.store.apply(&writes).await {
+            let result = loop {
+                match store.apply(&writes).await {
                     Ok(()) => break Ok(()),
                     Err(e) if e.is_transient() && attempt < 8 => {
                         attempt += 1;
                         tracing::warn!(error = %e, attempt, "store write failed; retrying");
-                        tokio::time::sleep(backoff(&self.settings, attempt)).await;
+                        tokio::time::sleep(backoff(&settings, attempt)).await;
                     }
                     Err(e) => break Err(e),
                 }
             };
-        }
-        let effects = std::mem::take(&mut self.effects);
+            let _ = committed.send(());
+            (result, writes)
+        });
+        self.inflight = Some(InFlight {
+            write,
+            effects,
+            finished,
+        });
+    }
+
+    /// Waits for the batch being committed, if any, then carries out what waited for it.
+    async fn settle(&mut self) {
+        let Some(f) = self.inflight.take() else {
+            return;
+        };
+        let (result, writes) = match f.write.await {
+            Ok(r) => r,
+            Err(e) => (
+                Err(store_failed(format!("store writer task failed: {e}"))),
+                Vec::new(),
+            ),
+        };
+        self.after_commit(result, &writes, f.effects, f.finished)
+            .await;
+    }
+
+    async fn after_commit(
+        &mut self,
+        result: Result<()>,
+        writes: &[Write],
+        effects: Vec<Effect>,
+        finished: Vec<ExecutionId>,
+    ) {
         match result {
             Ok(()) => self.act(effects),
             Err(e) => {
@@ -1296,11 +1368,11 @@ impl Actor {
                         f(Err(msg.clone()));
                     }
                 }
-                self.resync(&writes).await;
+                self.resync(writes).await;
             }
         }
         // Terminal records leave memory once committed.
-        for id in std::mem::take(&mut self.finished) {
+        for id in finished {
             if self.live.get(&id).is_some_and(|r| r.state.is_terminal()) {
                 self.live.remove(&id);
                 self.held.remove(&id);
