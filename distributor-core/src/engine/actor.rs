@@ -20,6 +20,9 @@ use crate::types::*;
 /// non-cryptographic hasher is enough; SipHash showed up in profiles.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
+/// How many recently finished records the actor keeps for `wait`.
+const RECENT: usize = 4096;
+
 /// What the actor needs to start.
 pub(crate) struct Init {
     pub store: Arc<dyn Store>,
@@ -110,6 +113,10 @@ pub(crate) struct Actor {
     held: HashMap<ExecutionId, Vec<Notification>>,
     /// Results of adapter calls that answered without waiting, handled in the next turn.
     ready: Vec<Done>,
+    /// The last [`RECENT`] committed terminal records, so that waiting for work that just
+    /// finished (the common case) is answered without a store read.
+    recent: HashMap<ExecutionId, Arc<ExecutionRecord>>,
+    recent_order: std::collections::VecDeque<ExecutionId>,
     /// The batch being committed, if any (at most one: batches commit in order).
     inflight: Option<InFlight>,
     /// Told when the in-flight batch's write is over.
@@ -178,6 +185,8 @@ impl Actor {
             finished: Vec::new(),
             held: HashMap::default(),
             ready: Vec::new(),
+            recent: HashMap::default(),
+            recent_order: std::collections::VecDeque::new(),
             inflight: None,
             committed_tx,
             committed_rx: Some(committed_rx),
@@ -517,9 +526,12 @@ impl Actor {
                 }
             }
             Cmd::Notify(id, n, reply) => self.on_notify(id, n, reply),
-            Cmd::Wait(id, tx) => match self.live.get(&id) {
-                Some(_) => self.waiters.entry(id).or_default().push(tx),
-                None => self.answer_for_unknown(id, tx, Ok),
+            Cmd::Wait(id, tx) => match (self.live.get(&id), self.recent.get(&id)) {
+                (Some(_), _) => self.waiters.entry(id).or_default().push(tx),
+                (None, Some(rec)) => {
+                    let _ = tx.send(Ok(ExecutionRecord::clone(rec)));
+                }
+                (None, None) => self.answer_for_unknown(id, tx, Ok),
             },
             Cmd::Reload(catalog, reply) => {
                 for inst in catalog.values() {
@@ -1374,7 +1386,15 @@ impl Actor {
         // Terminal records leave memory once committed.
         for id in finished {
             if self.live.get(&id).is_some_and(|r| r.state.is_terminal()) {
-                self.live.remove(&id);
+                if let Some(rec) = self.live.remove(&id) {
+                    self.recent.insert(id, rec);
+                    self.recent_order.push_back(id);
+                    if self.recent_order.len() > RECENT
+                        && let Some(old) = self.recent_order.pop_front()
+                    {
+                        self.recent.remove(&old);
+                    }
+                }
                 self.held.remove(&id);
                 self.busy.remove(&id);
                 self.dispatch_started.remove(&id);
