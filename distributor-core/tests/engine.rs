@@ -1099,3 +1099,21 @@ async fn store_write_failures_are_retried_or_reported_and_nothing_runs_unrecorde
         "the refused submit left no record"
     );
 }
+
+/// Regression: a batch's commit notice could be handled before its writer task had returned,
+/// and then nothing settled the batch: with no other activity, replies and waiters hung. Many
+/// lone lifecycles on a multi-threaded runtime (each one waiting for its own commit) hit that
+/// window; they must all finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lone_lifecycles_never_wait_forever_for_their_commit() {
+    let (e, _backend, _store) = engine("lone-lifecycles").await;
+    let run = async {
+        for _ in 0..3_000 {
+            let id = e.submit(task("fake", json!({}))).await.unwrap();
+            assert_eq!(e.wait(id).await.unwrap().state, State::Succeeded);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("a lifecycle hung waiting for its commit");
+}

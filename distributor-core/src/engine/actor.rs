@@ -119,13 +119,16 @@ pub(crate) struct Actor {
     recent_order: std::collections::VecDeque<ExecutionId>,
     /// The batch being committed, if any (at most one: batches commit in order).
     inflight: Option<InFlight>,
-    /// Told when the in-flight batch's write is over.
-    committed_tx: mpsc::UnboundedSender<()>,
-    committed_rx: Option<mpsc::UnboundedReceiver<()>>,
+    /// Told (with the batch's number) when a batch's write is over.
+    committed_tx: mpsc::UnboundedSender<u64>,
+    committed_rx: Option<mpsc::UnboundedReceiver<u64>>,
+    /// Number of the next batch handed to the store.
+    next_batch: u64,
 }
 
 /// A batch handed to the store and what waits for it.
 struct InFlight {
+    batch: u64,
     write: tokio::task::JoinHandle<(Result<()>, Vec<Write>)>,
     effects: Vec<Effect>,
     finished: Vec<ExecutionId>,
@@ -190,6 +193,7 @@ impl Actor {
             inflight: None,
             committed_tx,
             committed_rx: Some(committed_rx),
+            next_batch: 0,
         };
         for inst in init.catalog.values() {
             a.snapshots.insert(
@@ -337,9 +341,10 @@ impl Actor {
                         }
                     }
                 }
-                Some(()) = committed_rx.recv() => {
-                    // The notice may be for a batch already settled by a later flush.
-                    if self.inflight.as_ref().is_some_and(|f| f.write.is_finished()) {
+                Some(batch) = committed_rx.recv() => {
+                    // The notice may be for a batch already settled by a later flush. For the
+                    // batch in flight, its task is returning: settling waits for no I/O.
+                    if self.inflight.as_ref().is_some_and(|f| f.batch == batch) {
                         self.settle().await;
                     }
                     continue;
@@ -1324,6 +1329,8 @@ impl Actor {
         let store = self.store.clone();
         let settings = self.settings.clone();
         let committed = self.committed_tx.clone();
+        let batch = self.next_batch;
+        self.next_batch += 1;
         let write = tokio::spawn(async move {
             let mut attempt = 0;
             let result = loop {
@@ -1337,10 +1344,11 @@ impl Actor {
                     Err(e) => break Err(e),
                 }
             };
-            let _ = committed.send(());
+            let _ = committed.send(batch);
             (result, writes)
         });
         self.inflight = Some(InFlight {
+            batch,
             write,
             effects,
             finished,
