@@ -19,6 +19,13 @@
 //! exponential backoff, as many times as its policy allows; any other error is final for that
 //! call. After a permanent error or a success the engine makes a best effort not to repeat the call,
 //! but does not guarantee it: every method MUST therefore be safe to call again.
+//!
+//! # Blocking
+//!
+//! The engine polls each call's future once where it makes the call (so a call that completes at
+//! once costs no task) and runs it on a task of its own only if it has to wait. The futures MUST
+//! NOT block the thread: blocking I/O or long CPU work belongs in `tokio::task::spawn_blocking`,
+//! or it stalls every execution the engine drives.
 
 use std::fmt::Debug;
 

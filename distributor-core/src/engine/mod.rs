@@ -13,6 +13,19 @@
 //!   rebuilds it from the store on start.
 //! - **No lost or regressed states.** Terminal states never change; pushes are authenticated,
 //!   sequence-checked and de-duplicated; a status that would move backwards is ignored.
+//!
+//! How it stays fast (figures in BENCHMARKS.md):
+//!
+//! - **Group commit, pipelined.** A batch is written by a task of its own while the actor
+//!   computes the next; at most one batch is in flight and batches commit in order. What waits
+//!   for a batch still waits for its commit.
+//! - **Adapter calls are polled once where they are made.** A call that completes without
+//!   waiting (an in-process backend, a cached status) is handled in the actor's next turn with no
+//!   task spawned; one that waits runs as a task of its own. Adapter futures therefore MUST NOT
+//!   block the thread (the [`Distributor`](crate::Distributor) contract already says so): a
+//!   blocking first poll would stall every execution.
+//! - **Compact records.** Tasks and names are shared, payloads are compact JSON text
+//!   ([`Payload`](crate::Payload)): about 1 KB of memory per live execution.
 
 mod actor;
 mod auth;

@@ -4,7 +4,7 @@
 //! ([`Store::apply`]): everything in a batch commits together or not at all (group commit, so a
 //! burst of transitions costs one fsync), and every record update is a compare-and-set on the
 //! record's version. Implementations: [`MemoryStore`] (tests, benchmarks) and [`SqliteStore`] (the
-//! embedded default). Both pass one test suite ([`suite`]).
+//! embedded default). Both pass one test suite (`store::suite`, feature `testing`).
 
 use std::fmt::Debug;
 use std::sync::Arc;
