@@ -171,8 +171,8 @@ async fn bare_loop(n: usize) -> Duration {
     d
 }
 
-/// The baseline for (b): raw sqlx inserts and updates of the same rows, batched like the engine.
-async fn raw_sqlite(n: usize, path: &std::path::Path) -> Duration {
+/// A WAL, `synchronous=NORMAL` database at `path` with the baselines' one table.
+async fn raw_pool(path: &std::path::Path) -> sqlx::SqlitePool {
     use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
     let opts = SqliteConnectOptions::new()
         .filename(path)
@@ -186,6 +186,12 @@ async fn raw_sqlite(n: usize, path: &std::path::Path) -> Duration {
     .execute(&pool)
     .await
     .unwrap();
+    pool
+}
+
+/// The baseline for (b): raw sqlx inserts and updates of the same rows, batched like the engine.
+async fn raw_sqlite(n: usize, path: &std::path::Path) -> Duration {
+    let pool = raw_pool(path).await;
     let record = "x".repeat(900); // about the size of a serialized execution record
     let batch = 512;
     let t0 = Instant::now();
@@ -221,19 +227,7 @@ async fn raw_sqlite(n: usize, path: &std::path::Path) -> Duration {
 /// A stronger baseline for (b): the same rows written with multi-row statements (256 rows per
 /// statement, as the store writes them), one transaction per state change of a chunk.
 async fn raw_sqlite_batched(n: usize, path: &std::path::Path) -> Duration {
-    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
-    let opts = SqliteConnectOptions::new()
-        .filename(path)
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal);
-    let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
-    sqlx::raw_sql(
-        "CREATE TABLE t (id INTEGER PRIMARY KEY, state TEXT, version INTEGER, record TEXT)",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    let pool = raw_pool(path).await;
     let record = "x".repeat(900);
     let rows = |n: usize, row: &str| vec![row; n].join(", ");
     let t0 = Instant::now();

@@ -286,17 +286,7 @@ impl Actor {
                 for d in std::mem::take(&mut self.ready) {
                     self.on_done(d);
                 }
-                let mut n = 0;
-                while stop.is_none() && n < self.settings.max_batch {
-                    match cmds.try_recv() {
-                        Ok(cmd) => stop = self.on_cmd(cmd),
-                        Err(_) => break,
-                    }
-                    n += 1;
-                }
-                while let Ok(d) = done_rx.try_recv() {
-                    self.on_done(d);
-                }
+                stop = self.take_queued(&mut cmds, &mut done_rx, 0);
                 if wake.is_some_and(|w| w <= tokio::time::Instant::now()) {
                     self.fire_timers();
                 }
@@ -314,16 +304,8 @@ impl Actor {
                 cmd = cmds.recv() => match cmd {
                     Some(cmd) => {
                         stop = self.on_cmd(cmd);
-                        let mut n = 1;
-                        while stop.is_none() && n < self.settings.max_batch {
-                            match cmds.try_recv() {
-                                Ok(cmd) => stop = self.on_cmd(cmd),
-                                Err(_) => break,
-                            }
-                            n += 1;
-                        }
-                        while let Ok(d) = done_rx.try_recv() {
-                            self.on_done(d);
+                        if stop.is_none() {
+                            stop = self.take_queued(&mut cmds, &mut done_rx, 1);
                         }
                     }
                     None => return,
@@ -360,6 +342,30 @@ impl Actor {
                 return;
             }
         }
+    }
+
+    /// Handles, without waiting, the commands already queued (up to the batch size, `taken`
+    /// of which the caller has handled) and every queued adapter result. Returns the shutdown
+    /// reply if a shutdown came.
+    fn take_queued(
+        &mut self,
+        cmds: &mut mpsc::UnboundedReceiver<Cmd>,
+        done_rx: &mut mpsc::UnboundedReceiver<Done>,
+        taken: usize,
+    ) -> Option<oneshot::Sender<()>> {
+        let mut stop = None;
+        let mut n = taken;
+        while stop.is_none() && n < self.settings.max_batch {
+            match cmds.try_recv() {
+                Ok(cmd) => stop = self.on_cmd(cmd),
+                Err(_) => break,
+            }
+            n += 1;
+        }
+        while let Ok(d) = done_rx.try_recv() {
+            self.on_done(d);
+        }
+        stop
     }
 
     // ----- record bookkeeping -------------------------------------------------------------
