@@ -1117,3 +1117,96 @@ async fn lone_lifecycles_never_wait_forever_for_their_commit() {
         .await
         .expect("a lifecycle hung waiting for its commit");
 }
+
+/// What the `capture` kind's instance saw: the notifier the engine built it with, and the
+/// notification token of the last task it ran.
+static CAPTURED: std::sync::Mutex<Option<(Notifier, String)>> = std::sync::Mutex::new(None);
+
+/// A kind that keeps its in-process notifier and its tasks' tokens where the test can use them,
+/// and reports whatever status a push carries.
+#[derive(Debug, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+struct CaptureConfig {}
+
+#[derive(Debug)]
+struct Capture(Notifier);
+
+#[async_trait::async_trait]
+impl KindConfig for CaptureConfig {
+    const KIND: &'static str = "capture";
+    type Payload = Value;
+    async fn build(self, ctx: BuildContext) -> Result<Arc<dyn Distributor>> {
+        Ok(Arc::new(Capture(ctx.notifier)))
+    }
+}
+
+#[async_trait::async_trait]
+impl Distributor for Capture {
+    async fn run(&self, task: &TaskDescription) -> Result<Launch> {
+        *CAPTURED.lock().unwrap() = Some((self.0.clone(), task.notify.auth_token.0.clone()));
+        Ok(Launch::new(task.request_id.as_str()))
+    }
+    async fn cancel(&self, _: &Execution) -> Result<()> {
+        Ok(())
+    }
+    async fn status(&self, _: &Execution) -> Result<Status> {
+        Ok(Status::Pending)
+    }
+    fn info_url(&self, _: &Execution) -> Option<url::Url> {
+        None
+    }
+    async fn handle_notification(&self, _: &Execution, n: &Notification) -> Result<Option<Status>> {
+        Ok(Some(serde_json::from_slice(&n.data).map_err(|e| {
+            Error::permanent_from("capture: not a status", e)
+        })?))
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            push_notifications: true,
+            ..Capabilities::default()
+        }
+    }
+}
+
+/// In-process pushes (an adapter's `Notifier`) are authenticated like `Engine::notify`: a
+/// forged one is refused and changes nothing, a genuine one is applied.
+#[tokio::test(start_paused = true)]
+async fn in_process_pushes_with_a_forged_token_are_refused() {
+    let registry = Registry::new().register::<CaptureConfig>().unwrap();
+    let doc = json!({"distributors": {"capture": {"kind": "capture"}}});
+    let config = DistributorsConfig::from_value(&registry, "test", &doc).unwrap();
+    let e = Engine::builder()
+        .registry(registry)
+        .distributors(config)
+        .store(MemoryStore::new())
+        .build()
+        .await
+        .unwrap();
+    let id = e.submit(task("capture", json!({}))).await.unwrap();
+    until("launched", || async {
+        e.get(id).await.unwrap().state == State::Pending
+    })
+    .await;
+    let (notifier, token) = CAPTURED.lock().unwrap().clone().expect("run was called");
+    let push = |status: Status, token: &str, seq: u64| {
+        let mut n = Notification::json(&serde_json::to_value(status).unwrap());
+        n.attributes.insert("auth_token".into(), token.into());
+        n.sequence = Some(seq);
+        n
+    };
+    let forged = push(
+        Status::Finished(Outcome::Succeeded {
+            data: json!("forged"),
+        }),
+        "v1.1.99999999999999.00",
+        2,
+    );
+    assert!(notifier.send(id, forged), "the engine is listening");
+    // Pushes reach the engine in order: once the genuine `Running` (sequence 1) is applied,
+    // the forged `Finished` (sequence 2) sent before it would have been applied first.
+    assert!(notifier.send(id, push(Status::Running, &token, 1)));
+    until("running", || async {
+        e.get(id).await.unwrap().state == State::Running
+    })
+    .await;
+    assert_eq!(e.get(id).await.unwrap().state, State::Running);
+}

@@ -16,8 +16,9 @@ use crate::registry::{BuildContext, DeferredQueue, Instance, Notifier, Registry}
 use crate::store::{Store, Write};
 use crate::types::*;
 
-/// The actor's maps are keyed by small ids it made itself (not by outside input), so a fast
-/// non-cryptographic hasher is enough; SipHash showed up in profiles.
+/// The actor's maps are keyed by ids the engine assigned and by configured names, not by
+/// request data, so a fast (randomly seeded) non-cryptographic hasher is enough; SipHash
+/// showed up in profiles.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// How many recently finished records the actor keeps for `wait`.
@@ -577,10 +578,9 @@ impl Actor {
         })));
     }
 
-    /// Answers a command about an execution that is not live: `ok` if it exists (finished),
-    /// `UnknownExecution` otherwise.
-    /// Answers a request about an execution that is not live from the store: at once when the
-    /// store answers without waiting (memory), else from a task of its own.
+    /// Answers a command about an execution that is not live, from the store: `ok` if it
+    /// exists (finished), `UnknownExecution` otherwise. At once when the store answers without
+    /// waiting (memory), else from a task of its own.
     fn answer_for_unknown<T: Send + 'static>(
         &mut self,
         id: ExecutionId,

@@ -167,10 +167,10 @@ pub struct Task {
     /// text (see [`Payload`]).
     pub payload: Payload,
     /// Phase time limits.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub timeouts: Timeouts,
     /// Retries of abnormal outcomes.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub retry: RetryPolicy,
     /// Labels, for listing and for the backend.
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
@@ -224,7 +224,7 @@ impl CancelCause {
     }
 }
 
-fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }
 
@@ -277,10 +277,10 @@ pub struct ExecutionRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel_by: Option<Timestamp>,
     /// Extra status polls made after `cancel_by` passed.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub stop_polls: u32,
     /// Consecutive transient errors of the current adapter call kind.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub transient_errors: u32,
     /// When the engine next retries a failed adapter call (`run`, `cancel`) or starts a delayed
     /// attempt.
@@ -291,7 +291,7 @@ pub struct ExecutionRecord {
     pub cancel_sent: bool,
     /// How many times `run` has been called for this execution's request id (counted durably
     /// before each call).
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub run_calls: u32,
     /// Abnormal kinds of this task's earlier attempts, oldest first (for per-kind retry budgets).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -307,7 +307,7 @@ pub struct ExecutionRecord {
     )]
     pub poll_interval: Option<Duration>,
     /// Highest notification sequence accepted.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub last_sequence: u64,
     /// Recently seen notification message ids (bounded), to drop duplicates.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -154,40 +154,29 @@ impl Store for SqliteStore {
         let mut ids = std::collections::HashSet::new();
         let mut others = Vec::new();
         for w in batch {
-            match w {
-                Write::Insert { record, history } => {
-                    if !ids.insert(record.id) {
-                        seg.write(&mut tx).await?;
-                        ids.clear();
-                        ids.insert(record.id);
-                    }
-                    seg.inserts.push(RecordRow::of(record, 0)?);
-                    seg.history.extend(
-                        history
-                            .iter()
-                            .map(HistoryRow::of)
-                            .collect::<Result<Vec<_>>>()?,
-                    );
-                }
+            let (record, expected, history) = match w {
+                Write::Insert { record, history } => (record, None, history),
                 Write::Update {
                     record,
                     expected_version,
                     history,
-                } => {
-                    if !ids.insert(record.id) {
-                        seg.write(&mut tx).await?;
-                        ids.clear();
-                        ids.insert(record.id);
-                    }
-                    seg.updates.push(RecordRow::of(record, *expected_version)?);
-                    seg.history.extend(
-                        history
-                            .iter()
-                            .map(HistoryRow::of)
-                            .collect::<Result<Vec<_>>>()?,
-                    );
+                } => (record, Some(*expected_version), history),
+                other => {
+                    others.push(other);
+                    continue;
                 }
-                other => others.push(other),
+            };
+            if !ids.insert(record.id) {
+                seg.write(&mut tx).await?;
+                ids.clear();
+                ids.insert(record.id);
+            }
+            match expected {
+                None => seg.inserts.push(RecordRow::of(record, 0)?),
+                Some(v) => seg.updates.push(RecordRow::of(record, v)?),
+            }
+            for h in history {
+                seg.history.push(HistoryRow::of(h)?);
             }
         }
         seg.write(&mut tx).await?;

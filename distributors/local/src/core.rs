@@ -1151,23 +1151,23 @@ fn read_error(dir: &Path) -> Result<Option<StartError>> {
 
 /// The `pid` record: the work's pid (= its process group) and, when recorded, its supervisor's.
 fn read_pids(dir: &Path) -> (Option<i32>, Option<i32>) {
-    let Some(body) = read_opt(&dir.join(PID)).ok().flatten() else {
+    read_numbers(dir, PID)
+}
+
+/// The first pid recorded in file `name` (a `pid` record, or an old-layout `supervisor` file).
+fn read_pid(dir: &Path, name: &str) -> Option<i32> {
+    read_numbers(dir, name).0
+}
+
+/// The first two pids (numbers above 1) in file `name`.
+fn read_numbers(dir: &Path, name: &str) -> (Option<i32>, Option<i32>) {
+    let Some(body) = read_opt(&dir.join(name)).ok().flatten() else {
         return (None, None);
     };
     let mut it = body
         .split_whitespace()
         .map(|w| w.parse::<i32>().ok().filter(|p| *p > 1));
-    let pid = it.next().flatten();
-    let supervisor = it.next().flatten();
-    (pid, supervisor)
-}
-
-fn read_pid(dir: &Path, name: &str) -> Option<i32> {
-    read_opt(&dir.join(name))
-        .ok()
-        .flatten()
-        .and_then(|s| s.split_whitespace().next().and_then(|w| w.parse().ok()))
-        .filter(|p: &i32| *p > 1)
+    (it.next().flatten(), it.next().flatten())
 }
 
 fn read_stop(dir: &Path) -> Option<Stop> {
