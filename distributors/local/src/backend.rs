@@ -49,7 +49,7 @@ impl Distributor for LocalDistributor {
     /// `Rejected`); transient for resource exhaustion (fork `EAGAIN`, `ENOMEM`, `EMFILE`, disk
     /// full).
     async fn run(&self, task: &TaskDescription) -> Result<Launch> {
-        self.local.run(task)
+        self.local.run(task).await
     }
 
     /// SIGTERM to the process group now, SIGKILL after the grace period; queued work is

@@ -27,6 +27,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,12 +41,15 @@ use distributor_core::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 use url::Url;
 
 use crate::config::{LocalConfig, LocalPayload};
 use crate::error::classify;
-use crate::supervisor::{self, group_alive, process_alive, signal_group, signal_name};
+use crate::supervisor::{
+    ExitRecord, Hooks, StartFailure, Supervisor, group_alive, process_alive, signal_group,
+    signal_name,
+};
 
 const SPEC: &str = "spec.json";
 const STDIN: &str = "stdin";
@@ -64,6 +68,9 @@ const STAGING_PREFIX: &str = ".tmp-";
 const SPEC_VERSION: u32 = 1;
 /// Longest poll step of a re-attached watcher.
 const MAX_POLL: Duration = Duration::from_millis(500);
+/// How often a watcher of work started by this instance's supervisor checks the state directory
+/// when no report came (the supervisor reports every exit: this only guards against a lost one).
+const SUPERVISED_POLL: Duration = Duration::from_secs(5);
 /// How many bytes at the end of a log file are searched for its last lines.
 const TAIL_BYTES: u64 = 64 * 1024;
 /// How many finished statuses an instance keeps in memory (answers to the pushes and polls that
@@ -90,6 +97,9 @@ pub(crate) struct Local {
     notifier: Notifier,
     payload_schema: SchemaValidator,
     inner: Mutex<Inner>,
+    /// The supervisor that starts this instance's work (forked at the first start; replaced if
+    /// it dies).
+    supervisor: Mutex<Option<Arc<Supervisor>>>,
 }
 
 #[derive(Debug, Default)]
@@ -152,30 +162,6 @@ impl Claim {
             return Some(Self::Cancelled);
         }
         s.strip_prefix("start ")?.parse().ok().map(Self::Start)
-    }
-}
-
-/// How the work's main process ended, as the supervisor recorded it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ExitRecord {
-    Exited(i32),
-    Signaled(i32),
-    Unknown,
-}
-
-impl ExitRecord {
-    fn parse(s: &str) -> Option<Self> {
-        let s = s.trim();
-        if s == "unknown" {
-            return Some(Self::Unknown);
-        }
-        let (word, n) = s.split_once(' ')?;
-        let n: i32 = n.parse().ok()?;
-        match word {
-            "exited" => Some(Self::Exited(n)),
-            "signaled" => Some(Self::Signaled(n)),
-            _ => None,
-        }
     }
 }
 
@@ -266,20 +252,24 @@ struct Enforced {
     changed: bool,
 }
 
-/// How a watcher learns that the supervisor has finished.
+/// How a watcher learns that the work's state changed (besides its wake-up).
 enum Waiter {
-    /// The supervisor is our child: tokio tells us when it exits.
-    Child(tokio::process::Child),
-    /// Re-attached (or already exited): poll the state directory with a growing step.
+    /// Started by this instance's supervisor, which reports the exit through the wake-up: check
+    /// now and then only in case a report is lost; poll once the supervisor is gone.
+    Supervised(Arc<Supervisor>),
+    /// Re-attached (or the supervisor is gone): poll the state directory with a growing step.
     Poll(Duration),
 }
 
 impl Waiter {
     async fn wait(&mut self) {
         match self {
-            Self::Child(child) => {
-                let _ = child.wait().await;
-                *self = Self::Poll(Duration::from_millis(5));
+            Self::Supervised(s) => {
+                if s.is_lost() {
+                    *self = Self::Poll(Duration::from_millis(20));
+                } else {
+                    tokio::time::sleep(SUPERVISED_POLL).await;
+                }
             }
             Self::Poll(step) => {
                 tokio::time::sleep(*step).await;
@@ -287,6 +277,19 @@ impl Waiter {
             }
         }
     }
+}
+
+/// What [`Local::begin`] did.
+enum Begin {
+    /// Nothing to run (cancelled, or a live orchestrator process follows it): free the slot.
+    Nothing,
+    /// It already runs, started by an orchestrator process that died: a watcher holds the slot.
+    Adopted,
+    /// The supervisor was asked to start it.
+    Asked(
+        oneshot::Receiver<crate::supervisor::Started>,
+        Arc<Supervisor>,
+    ),
 }
 
 impl Local {
@@ -314,6 +317,7 @@ impl Local {
             notifier,
             payload_schema: SchemaValidator::of::<LocalPayload>(),
             inner: Mutex::new(Inner::default()),
+            supervisor: Mutex::new(None),
         });
         local.rescan()?;
         Ok(local)
@@ -369,7 +373,7 @@ impl Local {
     }
 
     /// Records the execution and starts it, or queues it when every slot is taken.
-    pub(crate) fn run(self: &Arc<Self>, task: &TaskDescription) -> Result<Launch> {
+    pub(crate) async fn run(self: &Arc<Self>, task: &TaskDescription) -> Result<Launch> {
         let payload: LocalPayload = serde_json::from_value(task.payload.clone())
             .map_err(|e| Error::permanent(format!("invalid payload for kind `local`: {e}")))?;
         payload.check()?;
@@ -415,7 +419,7 @@ impl Local {
             }
         };
         if start_now {
-            match self.start(&token, &spec, true) {
+            match self.start(&token, &spec, true).await {
                 Ok(true) => {}
                 Ok(false) => self.release(&token),
                 Err(e) => {
@@ -437,73 +441,153 @@ impl Local {
         Ok(self.launch(token))
     }
 
-    /// Starts a recorded execution whose slot the caller has reserved. `Ok(true)`: a watcher
-    /// now holds the slot; `Ok(false)`: nothing to run (cancelled, or another live instance is
-    /// starting it), the caller frees the slot. On error the failure is recorded in `error.json`
-    /// (or, for a transient failure inside `run`, the directory is removed so a retry starts
-    /// afresh) and the caller frees the slot.
-    fn start(self: &Arc<Self>, token: &Token, spec: &Spec, from_run: bool) -> Result<bool> {
+    /// The running supervisor, forked now if there is none (or the last one is gone).
+    fn supervisor(self: &Arc<Self>) -> io::Result<Arc<Supervisor>> {
+        let mut slot = self
+            .supervisor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = slot.as_ref()
+            && !s.is_lost()
+        {
+            return Ok(Arc::clone(s));
+        }
+        let (on_exit, on_lost) = (Arc::downgrade(self), Arc::downgrade(self));
+        let s = Supervisor::spawn(
+            &self.settings.state_dir,
+            Hooks {
+                exited: Box::new(move |token| {
+                    if let Some(local) = on_exit.upgrade()
+                        && let Some(wake) = local.lock().slots.get(&Token::new(token))
+                    {
+                        wake.notify_one();
+                    }
+                }),
+                lost: Box::new(move || {
+                    if let Some(local) = on_lost.upgrade() {
+                        for wake in local.lock().slots.values() {
+                            wake.notify_one();
+                        }
+                    }
+                }),
+            },
+        )?;
+        *slot = Some(Arc::clone(&s));
+        Ok(s)
+    }
+
+    /// Takes the claim on a recorded execution and asks the supervisor to start it.
+    fn begin(self: &Arc<Self>, token: &Token) -> Result<Begin> {
         let dir = self.path(token);
         let me = std::process::id();
         match claim(&dir, &Claim::Start(me))
             .map_err(|e| classify(format!("claiming {}", dir.display()), e))?
         {
             None => {}
-            Some(Claim::Cancelled) => return Ok(false),
+            Some(Claim::Cancelled) => return Ok(Begin::Nothing),
             Some(Claim::Start(owner)) => {
                 // A live orchestrator process (possibly another instance in this one) started
                 // it or is starting it: it is theirs to follow.
                 if pid_alive(owner) {
-                    return Ok(false);
+                    return Ok(Begin::Nothing);
                 }
                 // Its starter died: adopt it if it runs, else start it.
                 if read_pid(&dir, PID).is_some() {
                     self.attach(token, Waiter::Poll(Duration::from_millis(20)));
-                    return Ok(true);
+                    return Ok(Begin::Adopted);
                 }
                 write_atomic(&dir, CLAIM, Claim::Start(me).encode().as_bytes())
                     .map_err(|e| classify(format!("claiming {}", dir.display()), e))?;
             }
         }
-        let argv = spec.payload.command_line();
-        let program = argv.first().cloned().unwrap_or_default();
-        let spawned = command(&dir, spec).and_then(|cmd| supervisor::spawn(cmd, &dir));
-        match spawned {
-            Ok(child) => {
+        let supervisor = self
+            .supervisor()
+            .map_err(|e| classify("starting the supervisor", e))?;
+        Ok(Begin::Asked(supervisor.request(token.as_str()), supervisor))
+    }
+
+    /// Starts a recorded execution whose slot the caller has reserved. `Ok(true)`: a watcher
+    /// now holds the slot; `Ok(false)`: nothing to run (cancelled, or another live instance is
+    /// starting it), the caller frees the slot. On error the failure is recorded in `error.json`
+    /// (or, for a transient failure inside `run` after which nothing runs, the directory is
+    /// removed so a retry starts afresh) and the caller frees the slot.
+    async fn start(self: &Arc<Self>, token: &Token, spec: &Spec, from_run: bool) -> Result<bool> {
+        let dir = self.path(token);
+        let program = spec
+            .payload
+            .command_line()
+            .first()
+            .cloned()
+            .unwrap_or_default();
+        let (reply, supervisor) = match self.begin(token) {
+            Ok(Begin::Nothing) => return Ok(false),
+            Ok(Begin::Adopted) => return Ok(true),
+            Ok(Begin::Asked(reply, supervisor)) => (reply, supervisor),
+            Err(e) => return Err(self.failed_start(token, spec, from_run, e, true)),
+        };
+        match reply.await {
+            Ok(Ok(pid)) => {
                 self.push(spec, token, Event::Running);
                 // A cancel that raced with this start may have found no pid to signal.
-                if read_stop(&dir).is_some()
-                    && let Some(pid) = read_pid(&dir, PID)
-                {
+                if read_stop(&dir).is_some() {
                     let _ = signal_group(pid, libc::SIGTERM);
                 }
-                self.attach_with(token, Waiter::Child(child), Some(spec.clone()));
+                self.attach_with(token, Waiter::Supervised(supervisor), Some(spec.clone()));
                 Ok(true)
             }
-            Err(e) => {
+            Ok(Err(StartFailure::NotStarted(e))) => {
                 let err = classify(format!("starting `{program}`"), e);
-                if from_run && err.is_transient() {
-                    let _ = fs::remove_dir_all(&dir);
-                } else {
-                    let record = StartError {
-                        kind: if err.is_transient() {
-                            AbnormalKind::Crashed
-                        } else {
-                            AbnormalKind::Rejected
-                        },
-                        message: err.to_string(),
-                    };
-                    let body = serde_json::to_vec(&record).unwrap_or_default();
-                    if let Err(e) = write_atomic(&dir, ERROR, &body) {
-                        tracing::warn!(dir = %dir.display(), error = %e, "cannot record start failure");
-                    }
-                    if !from_run {
-                        self.push(spec, token, Event::Finished);
-                    }
+                Err(self.failed_start(token, spec, from_run, err, true))
+            }
+            Ok(Err(StartFailure::Lost)) | Err(_) => {
+                if read_pid(&dir, PID).is_some() {
+                    // It started before the supervisor went away: follow it through the files.
+                    self.push(spec, token, Event::Running);
+                    self.attach(token, Waiter::Poll(Duration::from_millis(20)));
+                    return Ok(true);
                 }
-                Err(err)
+                let err = Error::transient(format!(
+                    "the supervisor (pid {}) exited before starting `{program}`",
+                    supervisor.pid()
+                ));
+                // It may have started without a record: never start it a second time.
+                Err(self.failed_start(token, spec, from_run, err, false))
             }
         }
+    }
+
+    /// Records why an execution could not start and returns the error for the caller. A
+    /// transient failure inside `run` after which nothing runs (`retry_safe`) removes the
+    /// directory instead, so that the engine's retry starts afresh.
+    fn failed_start(
+        &self,
+        token: &Token,
+        spec: &Spec,
+        from_run: bool,
+        err: Error,
+        retry_safe: bool,
+    ) -> Error {
+        let dir = self.path(token);
+        if from_run && retry_safe && err.is_transient() {
+            let _ = fs::remove_dir_all(&dir);
+            return err;
+        }
+        let record = StartError {
+            kind: if err.is_transient() {
+                AbnormalKind::Crashed
+            } else {
+                AbnormalKind::Rejected
+            },
+            message: err.to_string(),
+        };
+        let body = serde_json::to_vec(&record).unwrap_or_default();
+        if let Err(e) = write_atomic(&dir, ERROR, &body) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot record start failure");
+        }
+        if !from_run {
+            self.push(spec, token, Event::Finished);
+        }
+        err
     }
 
     /// Frees `token`'s slot and starts queued work into free slots.
@@ -512,7 +596,7 @@ impl Local {
         self.pump();
     }
 
-    /// Starts queued executions while slots are free.
+    /// Starts queued executions while slots are free (each start finishes on its own task).
     fn pump(self: &Arc<Self>) {
         loop {
             let next = {
@@ -528,23 +612,26 @@ impl Local {
                 }
             };
             let Some(token) = next else { break };
-            let holds_slot = match read_spec(&self.path(&token)) {
-                Ok(Some(spec)) => match self.start(&token, &spec, false) {
-                    Ok(started) => started,
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                let holds_slot = match read_spec(&this.path(&token)) {
+                    Ok(Some(spec)) => match this.start(&token, &spec, false).await {
+                        Ok(started) => started,
+                        Err(e) => {
+                            tracing::warn!(token = %token, error = %e, "queued work could not start");
+                            false
+                        }
+                    },
+                    Ok(None) => false,
                     Err(e) => {
-                        tracing::warn!(token = %token, error = %e, "queued work could not start");
+                        tracing::warn!(token = %token, error = %e, "queued work has no readable spec");
                         false
                     }
-                },
-                Ok(None) => false,
-                Err(e) => {
-                    tracing::warn!(token = %token, error = %e, "queued work has no readable spec");
-                    false
+                };
+                if !holds_slot {
+                    this.release(&token);
                 }
-            };
-            if !holds_slot {
-                self.lock().slots.remove(&token);
-            }
+            });
         }
     }
 
@@ -1036,9 +1123,38 @@ fn stage(staging: &Path, spec: &Spec) -> Result<()> {
     Ok(())
 }
 
-/// The command for an execution, with its stdio wired to the execution's files and the
-/// `DISTRIBUTOR_*` variables set (the payload's `env` may override them).
-fn command(dir: &Path, spec: &Spec) -> io::Result<tokio::process::Command> {
+/// Runs in the supervisor: starts the execution `token` of `state_dir` from its `spec.json`, in
+/// its own process group, and records `<its pid> <supervisor pid>` in `pid`. Returns its pid.
+/// Errors: an invalid token, an unreadable spec, the spawn's (`ENOENT`, `EACCES`, `EAGAIN`…), or
+/// the `pid` record's (the work is then killed: untracked work must not run).
+pub(crate) fn start_work(state_dir: &Path, token: &str, supervisor: i32) -> io::Result<i32> {
+    if !valid_token(token) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("`{token}` is not a token"),
+        ));
+    }
+    let dir = state_dir.join(token);
+    let spec = read_spec(&dir)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no spec.json"))?;
+    let child = command(&dir, &spec)?.spawn()?;
+    let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("process id out of range"))?;
+    if let Err(e) = write_atomic(&dir, PID, format!("{pid} {supervisor}\n").as_bytes()) {
+        let _ = signal_group(pid, libc::SIGKILL);
+        return Err(e);
+    }
+    Ok(pid)
+}
+
+/// Runs in the supervisor: records how the work of `token` ended.
+pub(crate) fn write_exit(state_dir: &Path, token: &str, record: ExitRecord) -> io::Result<()> {
+    write_atomic(&state_dir.join(token), EXIT, record.encode().as_bytes())
+}
+
+/// The command for an execution, with its stdio wired to the execution's files, its own process
+/// group, and the `DISTRIBUTOR_*` variables set (the payload's `env` may override them).
+fn command(dir: &Path, spec: &Spec) -> io::Result<std::process::Command> {
     let p = &spec.payload;
     let argv = p.command_line();
     let Some((program, args)) = argv.split_first() else {
@@ -1047,8 +1163,8 @@ fn command(dir: &Path, spec: &Spec) -> io::Result<tokio::process::Command> {
             "empty command line",
         ));
     };
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args);
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args).process_group(0);
     if p.clear_env {
         cmd.env_clear();
     }

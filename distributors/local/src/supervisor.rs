@@ -1,83 +1,509 @@
-//! Starting work under a supervisor, and signalling process groups. The only `unsafe` code of
-//! the crate lives here.
+//! The supervisor: one small process per `local` instance that starts the work, waits for each
+//! process it started and records how it ended. The only `unsafe` code of the crate lives here.
 //!
 //! # Design
 //!
-//! The orchestrator spawns one process (with [`tokio::process::Command`]) whose `pre_exec` hook
-//! never execs: that forked child becomes the **supervisor**. It
+//! The first time an instance needs it, it forks the supervisor (through an intermediate child
+//! that calls `setsid` and exits at once, so the supervisor is in its own session and is nobody's
+//! child but init's or a subreaper's: a Ctrl-C or a SIGKILL aimed at the orchestrator's process
+//! group does not reach it, and its end leaves no zombie in the orchestrator). The two talk over
+//! a Unix socket pair, one line per message:
 //!
-//! 1. calls `setsid()` (its own session and process group: a Ctrl-C or a SIGKILL aimed at the
-//!    orchestrator's group does not reach it) and resets inherited signal handlers;
-//! 2. forks the **work**, which calls `setpgid(0, 0)` (its own process group, so that cancel can
-//!    signal the whole group without touching the supervisor), writes `<its pid> <supervisor
-//!    pid>` to `pid` (one record for both), and returns into the standard library, which sets
-//!    the environment and `execvp`s the program;
-//! 3. closes every inherited descriptor above stderr, `waitpid`s the work and writes `exited N` or
-//!    `signaled N` to `exit` (write to a temporary file, then `rename`: readers never see a
-//!    partial record), and `_exit`s.
+//! | from | line | meaning |
+//! |---|---|---|
+//! | supervisor | `ready <pid>` | it is up (first line) |
+//! | orchestrator | `start <seq> <token>` | start the execution whose `spec.json` is in `<state_dir>/<token>` |
+//! | supervisor | `ok <seq> <pid>` | the work runs as `<pid>`, its own process group; its `pid` record is written |
+//! | supervisor | `err <seq> <errno> <message>` | it could not start (`errno` 0: not an OS error); nothing runs |
+//! | supervisor | `exit <token>` | the work's main process ended and its `exit` record is written |
+//!
+//! The supervisor is single-threaded: it resets inherited signal handlers, points its own stdio
+//! at `/dev/null`, closes every other inherited descriptor (the orchestrator's sockets, database
+//! and pipes), blocks SIGCHLD and `poll`s the socket and a `signalfd`. To start work it builds the
+//! command from `spec.json` and spawns it with the standard library, which uses `posix_spawn`
+//! (no copy of any address space; exec errors such as `ENOENT` come back from the call), in its
+//! own process group, with stdout/stderr appended to the execution's log files. It then writes
+//! `<work pid> <supervisor pid>` to `pid` and answers. When SIGCHLD arrives it `waitpid`s every
+//! child that ended, writes `exited N` or `signaled N` to `exit`, and reports it. Every record is
+//! written to a temporary file and renamed into place: readers never see a partial record.
 //!
 //! The records are not `fsync`ed: a `rename` makes them atomic and durable across the death of
 //! any process (the orchestrator, the supervisor, the work), which is what re-attachment needs;
 //! after a power loss or kernel crash the processes are gone anyway and a record may be missing
 //! (the execution then ends `Crashed` or `Missing`, never with a wrong exit status).
 //!
-//! The orchestrator is only the supervisor's parent: if it dies (even by SIGKILL) the supervisor
-//! is re-parented to init, the work keeps running, and the exit status still lands in the state
-//! directory, where a restarted orchestrator finds it. `waitpid` gives the exact status, so an
-//! exit code of 137 and a death by SIGKILL are told apart (a shell wrapper could not).
+//! If the orchestrator dies (even by SIGKILL), the supervisor sees the socket close, goes on
+//! reaping and recording until its last child has ended, then exits: the work keeps running and
+//! its exit status lands in the state directory, where a restarted orchestrator finds it. A new
+//! orchestrator starts its own supervisor and follows the earlier one's work through the files.
+//! `waitpid` gives the exact status, so an exit code of 137 and a death by SIGKILL are told apart
+//! (a shell wrapper could not). If the supervisor itself is killed, the work it started keeps
+//! running but nobody can collect its exit status: once its process group is gone the execution
+//! ends `Crashed` ("ended without recording an exit status"); the instance starts a new
+//! supervisor for the next work.
 //!
-//! Exec errors come back through the standard library's close-on-exec pipe: the work inherits it
-//! and the supervisor closes its copy, so `spawn` returns once the program is running, or fails
-//! with the exec error (`ENOENT`, `EACCES`…).
-//!
-//! Everything between `fork` and `exec`/`_exit` is async-signal-safe: paths are prepared as
-//! `CString`s beforehand, numbers are formatted into stack buffers, nothing allocates or locks.
-//! The price of a fork-based supervisor is that it shares (copy-on-write) the orchestrator's
-//! memory map until the work exits; it touches almost none of it.
+//! Cost: one `fork` of the orchestrator per instance (the supervisor keeps a copy-on-write
+//! snapshot of the orchestrator's memory as it was then, touching almost none of it), and per
+//! execution one `posix_spawn` from a small process, two atomic records, and two socket lines.
+//! The earlier design, a supervisor forked from the orchestrator per execution, cost three times
+//! the CPU of `xargs` per execution (BENCHMARKS.md).
 
-use std::ffi::CString;
-use std::io;
-use std::os::unix::ffi::OsStrExt;
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
-/// The files the supervisor and the work write, as C strings prepared before forking.
-#[derive(Debug)]
-struct Files {
-    pid_tmp: CString,
-    pid: CString,
-    exit_tmp: CString,
-    exit: CString,
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::core::{start_work, write_exit};
+
+/// The descriptor of the control socket in the supervisor.
+const CONTROL: RawFd = 3;
+/// How long the orchestrator waits for a new supervisor's `ready` line.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the work's main process ended, as `waitpid` reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExitRecord {
+    /// It exited with this code.
+    Exited(i32),
+    /// A signal killed it.
+    Signaled(i32),
+    /// `waitpid` said something else (cannot happen without `WUNTRACED`).
+    Unknown,
 }
 
-fn cpath(dir: &Path, name: &str) -> io::Result<CString> {
-    CString::new(dir.join(name).as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
-}
-
-/// Spawns `cmd` as supervised work whose state files go to `dir` (`pid`, `exit`).
-///
-/// Returns the supervisor as a tokio child: waiting on it tells when the exit record is written.
-/// `cmd` MUST NOT have `pre_exec` hooks or a process group set: both are done here.
-pub(crate) fn spawn(
-    mut cmd: tokio::process::Command,
-    dir: &Path,
-) -> io::Result<tokio::process::Child> {
-    let files = Files {
-        pid_tmp: cpath(dir, ".pid.tmp")?,
-        pid: cpath(dir, "pid")?,
-        exit_tmp: cpath(dir, ".exit.tmp")?,
-        exit: cpath(dir, "exit")?,
-    };
-    let max_fd = max_fd();
-    cmd.kill_on_drop(false);
-    // SAFETY: the hook runs in the child between fork and exec. `supervise` only makes
-    // async-signal-safe calls (setsid, sigaction, getpid, open, write, close, rename, fork,
-    // setpgid, close_range/close, waitpid, _exit), does not allocate (all paths were allocated
-    // above, numbers are formatted on the stack) and takes no locks.
-    unsafe {
-        cmd.pre_exec(move || supervise(&files, max_fd));
+impl ExitRecord {
+    /// The record's text (`exited 0\n`).
+    pub(crate) fn encode(self) -> String {
+        match self {
+            Self::Exited(n) => format!("exited {n}\n"),
+            Self::Signaled(n) => format!("signaled {n}\n"),
+            Self::Unknown => "unknown\n".into(),
+        }
     }
-    cmd.spawn()
+
+    /// Parses a record; `None` for anything else.
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        if s == "unknown" {
+            return Some(Self::Unknown);
+        }
+        let (word, n) = s.split_once(' ')?;
+        let n: i32 = n.parse().ok()?;
+        match word {
+            "exited" => Some(Self::Exited(n)),
+            "signaled" => Some(Self::Signaled(n)),
+            _ => None,
+        }
+    }
+
+    fn of_wait_status(status: libc::c_int) -> Self {
+        if libc::WIFEXITED(status) {
+            Self::Exited(libc::WEXITSTATUS(status))
+        } else if libc::WIFSIGNALED(status) {
+            Self::Signaled(libc::WTERMSIG(status))
+        } else {
+            Self::Unknown
+        }
+    }
+}
+
+/// Why a start was not confirmed.
+#[derive(Debug)]
+pub(crate) enum StartFailure {
+    /// The supervisor tried and failed: nothing runs.
+    NotStarted(io::Error),
+    /// The supervisor went away before answering: the work may have started (its `pid` record
+    /// says whether).
+    Lost,
+}
+
+/// The answer to one start: the work's pid (= its process group id), or why not.
+pub(crate) type Started = Result<i32, StartFailure>;
+
+/// What the orchestrator side does with the supervisor's reports. Called on the reader task.
+pub(crate) struct Hooks {
+    /// The work of this token ended; its `exit` record is written.
+    pub(crate) exited: Box<dyn Fn(&str) + Send + Sync>,
+    /// The supervisor is gone (it exited or was killed).
+    pub(crate) lost: Box<dyn Fn() + Send + Sync>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    lost: bool,
+    replies: HashMap<u64, oneshot::Sender<Started>>,
+}
+
+/// The orchestrator's handle on its supervisor. Dropping it closes the socket: the supervisor
+/// then exits once its last child has ended.
+#[derive(Debug)]
+pub(crate) struct Supervisor {
+    pid: i32,
+    requests: mpsc::UnboundedSender<String>,
+    pending: Arc<Mutex<Pending>>,
+    next: AtomicU64,
+}
+
+fn lock(p: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
+    p.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Supervisor {
+    /// Forks a supervisor for the state directory `state_dir` and starts the tasks that talk to
+    /// it. MUST be called within a tokio runtime. Errors: the fork's or the socket's (`EAGAIN`,
+    /// `EMFILE`…), or the supervisor not saying `ready` within 10 s.
+    pub(crate) fn spawn(state_dir: &Path, hooks: Hooks) -> io::Result<Arc<Self>> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let max_fd = max_fd();
+        let theirs_fd = theirs.as_raw_fd();
+        // SAFETY: the intermediate child only calls async-signal-safe functions (setsid, fork,
+        // _exit). The supervisor (grandchild) runs `serve`, which never returns: it allocates
+        // (glibc's malloc is consistent in a forked child) but takes no lock another thread of
+        // the orchestrator could have held (no stdio, no logging, no environment changes).
+        let middle = unsafe { libc::fork() };
+        if middle == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        if middle == 0 {
+            // SAFETY: see above.
+            unsafe {
+                if libc::setsid() == -1 {
+                    libc::_exit(1);
+                }
+                match libc::fork() {
+                    0 => serve(theirs_fd, state_dir, max_fd),
+                    -1 => libc::_exit(1),
+                    _ => libc::_exit(0),
+                }
+            }
+        }
+        drop(theirs);
+        reap(middle);
+        let pid = read_ready(&ours)?;
+        ours.set_nonblocking(true)?;
+        let (read, mut write) = tokio::net::UnixStream::from_std(ours)?.into_split();
+        let (requests, mut rx) = mpsc::unbounded_channel::<String>();
+        tokio::spawn(async move {
+            let mut buf = String::new();
+            while let Some(first) = rx.recv().await {
+                buf.clear();
+                buf.push_str(&first);
+                while buf.len() < 64 * 1024 {
+                    match rx.try_recv() {
+                        Ok(more) => buf.push_str(&more),
+                        Err(_) => break,
+                    }
+                }
+                if write.write_all(buf.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let shared = Arc::clone(&pending);
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                Self::dispatch(&shared, &hooks, &line);
+            }
+            let replies = {
+                let mut p = lock(&shared);
+                p.lost = true;
+                std::mem::take(&mut p.replies)
+            };
+            for (_, tx) in replies {
+                let _ = tx.send(Err(StartFailure::Lost));
+            }
+            (hooks.lost)();
+        });
+        Ok(Arc::new(Self {
+            pid,
+            requests,
+            pending,
+            next: AtomicU64::new(1),
+        }))
+    }
+
+    fn dispatch(pending: &Mutex<Pending>, hooks: &Hooks, line: &str) {
+        let mut words = line.splitn(4, ' ');
+        match (words.next(), words.next(), words.next()) {
+            (Some("exit"), Some(token), None) => (hooks.exited)(token),
+            (Some("ok"), Some(seq), Some(pid)) => {
+                if let (Ok(seq), Ok(pid)) = (seq.parse(), pid.parse()) {
+                    if let Some(tx) = lock(pending).replies.remove(&seq) {
+                        let _ = tx.send(Ok(pid));
+                    }
+                }
+            }
+            (Some("err"), Some(seq), Some(errno)) => {
+                let message = words.next().unwrap_or("");
+                let error = match errno.parse::<i32>() {
+                    Ok(n) if n > 0 => io::Error::from_raw_os_error(n),
+                    _ => io::Error::new(io::ErrorKind::InvalidInput, message.to_owned()),
+                };
+                if let Ok(seq) = seq.parse()
+                    && let Some(tx) = lock(pending).replies.remove(&seq)
+                {
+                    let _ = tx.send(Err(StartFailure::NotStarted(error)));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Asks the supervisor to start the execution `token` (its `spec.json` MUST be written).
+    /// The answer comes on the returned channel.
+    pub(crate) fn request(&self, token: &str) -> oneshot::Receiver<Started> {
+        let (tx, rx) = oneshot::channel();
+        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut p = lock(&self.pending);
+            if p.lost {
+                let _ = tx.send(Err(StartFailure::Lost));
+                return rx;
+            }
+            p.replies.insert(seq, tx);
+        }
+        if self
+            .requests
+            .send(format!("start {seq} {token}\n"))
+            .is_err()
+            && let Some(tx) = lock(&self.pending).replies.remove(&seq)
+        {
+            let _ = tx.send(Err(StartFailure::Lost));
+        }
+        rx
+    }
+
+    /// Whether the supervisor is gone (its socket closed).
+    pub(crate) fn is_lost(&self) -> bool {
+        lock(&self.pending).lost
+    }
+
+    /// The supervisor's process id.
+    pub(crate) fn pid(&self) -> i32 {
+        self.pid
+    }
+}
+
+/// Waits for the intermediate child (it exits at once).
+fn reap(pid: libc::pid_t) {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid on our own child, writing into a local.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        break;
+    }
+}
+
+/// Reads the supervisor's `ready <pid>` line (blocking, at most [`READY_TIMEOUT`]).
+fn read_ready(mut stream: &UnixStream) -> io::Result<i32> {
+    stream.set_read_timeout(Some(READY_TIMEOUT))?;
+    let mut line = Vec::with_capacity(32);
+    let mut byte = [0u8; 1];
+    while line.len() < 64 {
+        match stream.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    stream.set_read_timeout(None)?;
+    std::str::from_utf8(&line)
+        .ok()
+        .and_then(|l| l.strip_prefix("ready "))
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| io::Error::other("the supervisor did not start"))
+}
+
+/// The supervisor's main: never returns.
+fn serve(control: RawFd, state_dir: &Path, max_fd: i32) -> ! {
+    // SAFETY: single-threaded forked child; descriptors and signal state are ours to change.
+    let sfd = unsafe {
+        if control != CONTROL && libc::dup3(control, CONTROL, libc::O_CLOEXEC) == -1 {
+            libc::_exit(1);
+        }
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            for fd in 0..3 {
+                libc::dup2(null, fd);
+            }
+        }
+        close_from(CONTROL + 1, max_fd);
+        reset_signal_handlers();
+        let mut mask: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut mask);
+        libc::sigaddset(&mut mask, libc::SIGCHLD);
+        libc::sigprocmask(libc::SIG_BLOCK, &mask, std::ptr::null_mut());
+        let sfd = libc::signalfd(-1, &mask, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if sfd == -1 {
+            libc::_exit(1);
+        }
+        sfd
+    };
+    let mut server = Server {
+        state_dir,
+        // SAFETY: getpid cannot fail.
+        me: unsafe { libc::getpid() },
+        sfd,
+        reading: true,
+        writing: true,
+        children: HashMap::new(),
+        input: Vec::with_capacity(4096),
+    };
+    let code = server.run();
+    // SAFETY: ends the supervisor without running the orchestrator's exit handlers.
+    unsafe { libc::_exit(code) }
+}
+
+/// The supervisor's state.
+struct Server<'a> {
+    state_dir: &'a Path,
+    me: libc::pid_t,
+    sfd: RawFd,
+    /// The orchestrator may still send requests.
+    reading: bool,
+    /// The orchestrator may still read reports.
+    writing: bool,
+    /// Running work: pid → token.
+    children: HashMap<libc::pid_t, String>,
+    input: Vec<u8>,
+}
+
+impl Server<'_> {
+    fn run(&mut self) -> i32 {
+        self.send(&format!("ready {}\n", self.me));
+        loop {
+            if !self.reading && self.children.is_empty() {
+                return 0;
+            }
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.sfd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: if self.reading { CONTROL } else { -1 },
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: poll on two pollfds we own.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if r == -1 {
+                if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return 1;
+            }
+            if fds[1].revents != 0 {
+                self.read_requests();
+            }
+            if fds[0].revents != 0 {
+                self.reap_children();
+            }
+        }
+    }
+
+    fn read_requests(&mut self) {
+        let mut buf = [0u8; 16 * 1024];
+        // SAFETY: read into a buffer we own.
+        let n = unsafe { libc::read(CONTROL, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                self.reading = false;
+            }
+            return;
+        }
+        if n == 0 {
+            self.reading = false;
+            return;
+        }
+        self.input
+            .extend_from_slice(&buf[..usize::try_from(n).unwrap_or(0)]);
+        while let Some(end) = self.input.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.input.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line[..end]).into_owned();
+            let mut words = line.split(' ');
+            if let (Some("start"), Some(seq), Some(token), None) =
+                (words.next(), words.next(), words.next(), words.next())
+            {
+                let reply = match start_work(self.state_dir, token, self.me) {
+                    Ok(pid) => {
+                        self.children.insert(pid, token.to_owned());
+                        format!("ok {seq} {pid}\n")
+                    }
+                    Err(e) => {
+                        let message: String = e
+                            .to_string()
+                            .chars()
+                            .map(|c| if c.is_control() { ' ' } else { c })
+                            .collect();
+                        format!("err {seq} {} {message}\n", e.raw_os_error().unwrap_or(0))
+                    }
+                };
+                self.send(&reply);
+            }
+        }
+    }
+
+    fn reap_children(&mut self) {
+        let mut info = [0u8; 128];
+        // Drain the signalfd (SIGCHLDs coalesce: waitpid below collects every ended child).
+        // SAFETY: read into a buffer we own from a non-blocking descriptor.
+        while unsafe { libc::read(self.sfd, info.as_mut_ptr().cast(), info.len()) } > 0 {}
+        loop {
+            let mut status: libc::c_int = 0;
+            // SAFETY: waitpid for any child, writing into a local.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                break;
+            }
+            if let Some(token) = self.children.remove(&pid) {
+                let record = ExitRecord::of_wait_status(status);
+                // A record that cannot be written (disk full) leaves the execution without
+                // one; the report still wakes the orchestrator, which then reads the files.
+                let _ = write_exit(self.state_dir, &token, record);
+                self.send(&format!("exit {token}\n"));
+            }
+        }
+    }
+
+    /// Sends a line to the orchestrator; once that fails (it is gone), stops trying.
+    fn send(&mut self, line: &str) {
+        let mut rest = line.as_bytes();
+        while self.writing && !rest.is_empty() {
+            // SAFETY: send from a buffer we own; MSG_NOSIGNAL: no SIGPIPE if the peer is gone.
+            let n = unsafe {
+                libc::send(
+                    CONTROL,
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                    self.writing = false;
+                }
+                continue;
+            }
+            rest = &rest[usize::try_from(n).unwrap_or(0)..];
+        }
+    }
 }
 
 /// The highest descriptor number the supervisor closes when `close_range` is unavailable.
@@ -92,66 +518,6 @@ fn max_fd() -> i32 {
         i32::try_from(lim.rlim_cur.min(65_536)).unwrap_or(65_536)
     } else {
         4_096
-    }
-}
-
-/// The pre-exec hook. Returns `Ok(())` only in the work process (which then execs); the
-/// supervisor never returns. An `Err` makes `spawn` fail with that error.
-fn supervise(f: &Files, max_fd: i32) -> io::Result<()> {
-    // SAFETY (whole function): called only from the pre_exec hook, in a single-threaded forked
-    // child; every call is async-signal-safe and arguments point to memory we own.
-    unsafe {
-        if libc::setsid() == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        reset_signal_handlers();
-        let supervisor = libc::getpid();
-        let work = libc::fork();
-        if work == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        if work == 0 {
-            // The work: own process group, record the pid, then let std exec the program.
-            if libc::setpgid(0, 0) == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            write_numbers_file(&f.pid_tmp, &f.pid, b"", &[libc::getpid(), supervisor])?;
-            return Ok(());
-        }
-        // The supervisor: drop every inherited descriptor (the orchestrator's sockets, database,
-        // and std's exec-error pipe, so that `spawn` returns as soon as the work has exec'd).
-        close_from(3, max_fd);
-        let mut status: libc::c_int = 0;
-        let reaped = loop {
-            let r = libc::waitpid(work, &mut status, 0);
-            if r == work {
-                break true;
-            }
-            if r == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            break false;
-        };
-        let written = if !reaped {
-            write_file(&f.exit_tmp, &f.exit, b"unknown\n")
-        } else if libc::WIFEXITED(status) {
-            write_numbers_file(
-                &f.exit_tmp,
-                &f.exit,
-                b"exited ",
-                &[libc::WEXITSTATUS(status)],
-            )
-        } else if libc::WIFSIGNALED(status) {
-            write_numbers_file(
-                &f.exit_tmp,
-                &f.exit,
-                b"signaled ",
-                &[libc::WTERMSIG(status)],
-            )
-        } else {
-            write_file(&f.exit_tmp, &f.exit, b"unknown\n")
-        };
-        libc::_exit(if written.is_ok() { 0 } else { 1 })
     }
 }
 
@@ -198,92 +564,6 @@ unsafe fn close_from(first: i32, max_fd: i32) {
             libc::close(fd);
         }
     }
-}
-
-/// Writes `prefix` + the decimal `numbers` separated by spaces + `\n` to `tmp`, then renames it
-/// to `path`. At most two numbers.
-///
-/// # Safety
-/// Async-signal-safe.
-unsafe fn write_numbers_file(
-    tmp: &CString,
-    path: &CString,
-    prefix: &[u8],
-    numbers: &[libc::c_int],
-) -> io::Result<()> {
-    let mut buf = [0u8; 64];
-    let mut len = 0;
-    for &b in prefix.iter().take(24) {
-        buf[len] = b;
-        len += 1;
-    }
-    for (i, &n) in numbers.iter().take(2).enumerate() {
-        if i > 0 {
-            buf[len] = b' ';
-            len += 1;
-        }
-        let mut digits = [0u8; 12];
-        let mut d = 0;
-        let mut v = i64::from(n);
-        if v < 0 {
-            buf[len] = b'-';
-            len += 1;
-            v = -v;
-        }
-        loop {
-            digits[d] = b'0' + (v % 10) as u8;
-            d += 1;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        while d > 0 {
-            d -= 1;
-            buf[len] = digits[d];
-            len += 1;
-        }
-    }
-    buf[len] = b'\n';
-    len += 1;
-    // SAFETY: forwarded contract.
-    unsafe { write_file(tmp, path, &buf[..len]) }
-}
-
-/// Writes `data` to `tmp` and renames it to `path` (atomic replace).
-///
-/// # Safety
-/// Async-signal-safe.
-unsafe fn write_file(tmp: &CString, path: &CString, data: &[u8]) -> io::Result<()> {
-    // SAFETY: valid C strings and a buffer we own; all calls are async-signal-safe.
-    unsafe {
-        let fd = libc::open(
-            tmp.as_ptr(),
-            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
-            0o600 as libc::c_uint,
-        );
-        if fd == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut off = 0;
-        while off < data.len() {
-            let n = libc::write(fd, data[off..].as_ptr().cast(), data.len() - off);
-            if n < 0 {
-                if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                let e = io::Error::last_os_error();
-                libc::close(fd);
-                return Err(e);
-            }
-            off += n as usize;
-        }
-        libc::close(fd);
-        if libc::rename(tmp.as_ptr(), path.as_ptr()) == -1 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 /// Whether any process of group `pgid` still exists (`EPERM` counts as existing).
