@@ -236,10 +236,10 @@ impl Supervisor {
         match (words.next(), words.next(), words.next()) {
             (Some("exit"), Some(token), None) => (hooks.exited)(token),
             (Some("ok"), Some(seq), Some(pid)) => {
-                if let (Ok(seq), Ok(pid)) = (seq.parse(), pid.parse()) {
-                    if let Some(tx) = lock(pending).replies.remove(&seq) {
-                        let _ = tx.send(Ok(pid));
-                    }
+                if let (Ok(seq), Ok(pid)) = (seq.parse(), pid.parse())
+                    && let Some(tx) = lock(pending).replies.remove(&seq)
+                {
+                    let _ = tx.send(Ok(pid));
                 }
             }
             (Some("err"), Some(seq), Some(errno)) => {
