@@ -54,14 +54,14 @@ fn history(r: &ExecutionRecord, from: Option<State>) -> HistoryEntry {
     }
 }
 
-fn insert(r: &ExecutionRecord) -> Write {
+pub(crate) fn insert(r: &ExecutionRecord) -> Write {
     Write::Insert {
         record: std::sync::Arc::new(r.clone()),
         history: vec![history(r, None)],
     }
 }
 
-fn advance(r: &mut ExecutionRecord, to: State) -> Write {
+pub(crate) fn advance(r: &mut ExecutionRecord, to: State) -> Write {
     let from = r.state;
     r.state = to;
     r.version += 1;

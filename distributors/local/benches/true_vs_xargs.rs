@@ -31,7 +31,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use distributor_core::store::SqliteStore;
+use distributor_core::store::{MemoryStore, SqliteStore, Store};
 use distributor_core::{
     Attempt, AuthToken, BuildContext, DistributorName, DistributorsConfig, Engine, ExecutionId,
     KindConfig, NotificationRoute, Notifier, Registry, RequestId, State, Task, TaskDescription,
@@ -59,13 +59,19 @@ async fn engine(n: usize, parallel: usize) -> (Duration, tempfile::TempDir) {
         "max_parallel": parallel,
     }}});
     let config = DistributorsConfig::from_value(&registry, "bench", &doc).expect("config");
-    let store = SqliteStore::open(dir.path().join("store.db"))
-        .await
-        .expect("sqlite");
+    let store: Arc<dyn Store> = if std::env::var("LOCAL_BENCH_STORE").as_deref() == Ok("memory") {
+        Arc::new(MemoryStore::new())
+    } else {
+        Arc::new(
+            SqliteStore::open(dir.path().join("store.db"))
+                .await
+                .expect("sqlite"),
+        )
+    };
     let engine = Engine::builder()
         .registry(registry)
         .distributors(config)
-        .store_arc(Arc::new(store))
+        .store_arc(store)
         .build()
         .await
         .expect("engine");

@@ -23,7 +23,7 @@
 //! `status` derives everything from these files (plus "is the process group alive"), so a fresh
 //! instance on the same directory knows exactly what an earlier one knew.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -106,8 +106,12 @@ pub(crate) struct Local {
 struct Inner {
     /// Executions holding a slot (starting or running and watched), with their watcher's wake-up.
     slots: HashMap<Token, Arc<Notify>>,
-    /// Executions waiting for a slot, oldest first.
-    queue: VecDeque<Token>,
+    /// Executions in `slots` whose main process has ended (the supervisor reported it): their
+    /// slot is free for the next work while their watcher finishes up.
+    ended: HashSet<Token>,
+    /// Executions waiting for a slot, oldest first, with their spec when this instance queued
+    /// them (else it is read when they start).
+    queue: VecDeque<(Token, Option<Spec>)>,
     /// Final statuses derived by watchers, most recent last (at most [`FINISHED_CACHE`]). A
     /// finished execution's files no longer change, so these equal what `status` would read.
     finished: HashMap<Token, Status>,
@@ -115,6 +119,15 @@ struct Inner {
 }
 
 impl Inner {
+    /// Slots taken: executions starting or running.
+    fn busy(&self) -> usize {
+        self.slots.len() - self.ended.len()
+    }
+
+    fn is_queued(&self, token: &Token) -> bool {
+        self.queue.iter().any(|(t, _)| t == token)
+    }
+
     fn remember_finished(&mut self, token: &Token, status: Status) {
         if self.finished.insert(token.clone(), status).is_none() {
             self.finished_order.push_back(token.clone());
@@ -410,11 +423,11 @@ impl Local {
         }
         let start_now = {
             let mut g = self.lock();
-            if g.slots.len() < self.settings.max_parallel && g.queue.is_empty() {
+            if g.busy() < self.settings.max_parallel && g.queue.is_empty() {
                 g.slots.insert(token.clone(), Arc::new(Notify::new()));
                 true
             } else {
-                g.queue.push_back(token.clone());
+                g.queue.push_back((token.clone(), Some(spec.clone())));
                 false
             }
         };
@@ -457,10 +470,8 @@ impl Local {
             &self.settings.state_dir,
             Hooks {
                 exited: Box::new(move |token| {
-                    if let Some(local) = on_exit.upgrade()
-                        && let Some(wake) = local.lock().slots.get(&Token::new(token))
-                    {
-                        wake.notify_one();
+                    if let Some(local) = on_exit.upgrade() {
+                        local.ended(&Token::new(token));
                     }
                 }),
                 lost: Box::new(move || {
@@ -512,6 +523,26 @@ impl Local {
     /// (or, for a transient failure inside `run` after which nothing runs, the directory is
     /// removed so a retry starts afresh) and the caller frees the slot.
     async fn start(self: &Arc<Self>, token: &Token, spec: &Spec, from_run: bool) -> Result<bool> {
+        match self.begin(token) {
+            Ok(Begin::Nothing) => Ok(false),
+            Ok(Begin::Adopted) => Ok(true),
+            Ok(Begin::Asked(reply, supervisor)) => {
+                self.finish(token, spec, from_run, reply, supervisor).await
+            }
+            Err(e) => Err(self.failed_start(token, spec, from_run, e, true)),
+        }
+    }
+
+    /// The second half of [`Self::start`]: awaits the supervisor's answer, then follows the
+    /// work (or records why it did not start).
+    async fn finish(
+        self: &Arc<Self>,
+        token: &Token,
+        spec: &Spec,
+        from_run: bool,
+        reply: oneshot::Receiver<crate::supervisor::Started>,
+        supervisor: Arc<Supervisor>,
+    ) -> Result<bool> {
         let dir = self.path(token);
         let program = spec
             .payload
@@ -519,12 +550,6 @@ impl Local {
             .first()
             .cloned()
             .unwrap_or_default();
-        let (reply, supervisor) = match self.begin(token) {
-            Ok(Begin::Nothing) => return Ok(false),
-            Ok(Begin::Adopted) => return Ok(true),
-            Ok(Begin::Asked(reply, supervisor)) => (reply, supervisor),
-            Err(e) => return Err(self.failed_start(token, spec, from_run, e, true)),
-        };
         match reply.await {
             Ok(Ok(pid)) => {
                 self.push(spec, token, Event::Running);
@@ -590,48 +615,91 @@ impl Local {
         err
     }
 
+    /// The supervisor reported that `token`'s main process ended: its slot goes to the next
+    /// queued work now, and its watcher wakes to derive the outcome and push it.
+    fn ended(self: &Arc<Self>, token: &Token) {
+        let freed = {
+            let mut g = self.lock();
+            match g.slots.get(token).cloned() {
+                Some(wake) => {
+                    wake.notify_one();
+                    g.ended.insert(token.clone())
+                }
+                None => false,
+            }
+        };
+        if freed {
+            self.pump();
+        }
+    }
+
     /// Frees `token`'s slot and starts queued work into free slots.
     fn release(self: &Arc<Self>, token: &Token) {
-        self.lock().slots.remove(token);
+        {
+            let mut g = self.lock();
+            g.slots.remove(token);
+            g.ended.remove(token);
+        }
         self.pump();
     }
 
-    /// Starts queued executions while slots are free (each start finishes on its own task).
+    /// Starts queued executions while slots are free: takes each one's claim and asks the
+    /// supervisor here; the answer is awaited on a task of its own.
     fn pump(self: &Arc<Self>) {
         loop {
             let next = {
                 let mut g = self.lock();
-                if g.slots.len() >= self.settings.max_parallel {
+                if g.busy() >= self.settings.max_parallel {
                     None
                 } else {
                     let next = g.queue.pop_front();
-                    if let Some(t) = &next {
+                    if let Some((t, _)) = &next {
                         g.slots.insert(t.clone(), Arc::new(Notify::new()));
                     }
                     next
                 }
             };
-            let Some(token) = next else { break };
-            let this = Arc::clone(self);
-            tokio::spawn(async move {
-                let holds_slot = match read_spec(&this.path(&token)) {
-                    Ok(Some(spec)) => match this.start(&token, &spec, false).await {
-                        Ok(started) => started,
-                        Err(e) => {
-                            tracing::warn!(token = %token, error = %e, "queued work could not start");
-                            false
-                        }
-                    },
-                    Ok(None) => false,
-                    Err(e) => {
-                        tracing::warn!(token = %token, error = %e, "queued work has no readable spec");
-                        false
-                    }
-                };
-                if !holds_slot {
-                    this.release(&token);
+            let Some((token, spec)) = next else { break };
+            let spec = match spec {
+                Some(spec) => Ok(Some(spec)),
+                None => read_spec(&self.path(&token)),
+            };
+            let spec = match spec {
+                Ok(Some(spec)) => spec,
+                Ok(None) => {
+                    self.lock().slots.remove(&token);
+                    continue;
                 }
-            });
+                Err(e) => {
+                    tracing::warn!(token = %token, error = %e, "queued work has no readable spec");
+                    self.lock().slots.remove(&token);
+                    continue;
+                }
+            };
+            match self.begin(&token) {
+                Ok(Begin::Nothing) => {
+                    self.lock().slots.remove(&token);
+                }
+                Ok(Begin::Adopted) => {}
+                Ok(Begin::Asked(reply, supervisor)) => {
+                    let this = Arc::clone(self);
+                    tokio::spawn(async move {
+                        match this.finish(&token, &spec, false, reply, supervisor).await {
+                            Ok(true) => {}
+                            Ok(false) => this.release(&token),
+                            Err(e) => {
+                                tracing::warn!(token = %token, error = %e, "queued work could not start");
+                                this.release(&token);
+                            }
+                        }
+                    });
+                }
+                Err(e) => {
+                    let e = self.failed_start(&token, &spec, false, e, true);
+                    tracing::warn!(token = %token, error = %e, "queued work could not start");
+                    self.lock().slots.remove(&token);
+                }
+            }
         }
     }
 
@@ -794,8 +862,8 @@ impl Local {
                 if !dir.join(CLAIM).exists() {
                     {
                         let mut g = self.lock();
-                        if !g.slots.contains_key(token) && !g.queue.contains(token) {
-                            g.queue.push_back(token.clone());
+                        if !g.slots.contains_key(token) && !g.is_queued(token) {
+                            g.queue.push_back((token.clone(), None));
                         }
                     }
                     self.pump();
@@ -841,7 +909,7 @@ impl Local {
                 }
             };
             if won {
-                self.lock().queue.retain(|t| t != token);
+                self.lock().queue.retain(|(t, _)| t != token);
                 self.push(&snap.spec, token, Event::Finished);
             }
             return Ok(());
@@ -1097,7 +1165,7 @@ impl Local {
             for t in &running {
                 g.slots.insert(t.clone(), Arc::new(Notify::new()));
             }
-            g.queue.extend(queued.into_iter().map(|(_, t)| t));
+            g.queue.extend(queued.into_iter().map(|(_, t)| (t, None)));
         }
         for t in &running {
             self.attach(t, Waiter::Poll(Duration::from_millis(20)));
