@@ -648,7 +648,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path().join("s.db")).await.unwrap();
         let mut a = sample_record(1, State::Queued);
-        let mut b = sample_record(2, State::Queued);
+        let b = sample_record(2, State::Queued);
         // Inserts, then a change to a record inserted in the same batch (a second segment).
         let batch = [insert(&a), insert(&b), advance(&mut a, State::Dispatching)];
         store.apply_in_one_trip(&batch).await.expect("one trip");
