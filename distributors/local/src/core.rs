@@ -47,8 +47,8 @@ use url::Url;
 use crate::config::{LocalConfig, LocalPayload};
 use crate::error::classify;
 use crate::supervisor::{
-    ExitRecord, Hooks, StartFailure, Supervisor, group_alive, process_alive, signal_group,
-    signal_name,
+    ExitRecord, Hooks, Skip, Start, StartFailure, Supervisor, group_alive, process_alive,
+    signal_group, signal_name,
 };
 
 const SPEC: &str = "spec.json";
@@ -109,6 +109,8 @@ struct Inner {
     /// Executions in `slots` whose main process has ended (the supervisor reported it): their
     /// slot is free for the next work while their watcher finishes up.
     ended: HashSet<Token>,
+    /// Executions in `slots` followed through their files (started by an earlier supervisor).
+    adopted: HashSet<Token>,
     /// Executions waiting for a slot, oldest first, with their spec when this instance queued
     /// them (else it is read when they start).
     queue: VecDeque<(Token, Option<Spec>)>,
@@ -292,18 +294,11 @@ impl Waiter {
     }
 }
 
-/// What [`Local::begin`] did.
-enum Begin {
-    /// Nothing to run (cancelled, or a live orchestrator process follows it): free the slot.
-    Nothing,
-    /// It already runs, started by an orchestrator process that died: a watcher holds the slot.
-    Adopted,
-    /// The supervisor was asked to start it.
-    Asked(
-        oneshot::Receiver<crate::supervisor::Started>,
-        Arc<Supervisor>,
-    ),
-}
+/// A start request sent: the supervisor's answer will come on the receiver.
+type Asked = (
+    oneshot::Receiver<crate::supervisor::Started>,
+    Arc<Supervisor>,
+);
 
 impl Local {
     /// Resolves `config`, creates the state directory, and re-attaches to what it holds: running
@@ -468,6 +463,7 @@ impl Local {
         let (on_exit, on_lost) = (Arc::downgrade(self), Arc::downgrade(self));
         let s = Supervisor::spawn(
             &self.settings.state_dir,
+            self.settings.max_parallel,
             Hooks {
                 exited: Box::new(move |token| {
                     if let Some(local) = on_exit.upgrade() {
@@ -487,34 +483,12 @@ impl Local {
         Ok(s)
     }
 
-    /// Takes the claim on a recorded execution and asks the supervisor to start it.
-    fn begin(self: &Arc<Self>, token: &Token) -> Result<Begin> {
-        let dir = self.path(token);
-        let me = std::process::id();
-        match claim(&dir, &Claim::Start(me))
-            .map_err(|e| classify(format!("claiming {}", dir.display()), e))?
-        {
-            None => {}
-            Some(Claim::Cancelled) => return Ok(Begin::Nothing),
-            Some(Claim::Start(owner)) => {
-                // A live orchestrator process (possibly another instance in this one) started
-                // it or is starting it: it is theirs to follow.
-                if pid_alive(owner) {
-                    return Ok(Begin::Nothing);
-                }
-                // Its starter died: adopt it if it runs, else start it.
-                if read_pid(&dir, PID).is_some() {
-                    self.attach(token, Waiter::Poll(Duration::from_millis(20)));
-                    return Ok(Begin::Adopted);
-                }
-                write_atomic(&dir, CLAIM, Claim::Start(me).encode().as_bytes())
-                    .map_err(|e| classify(format!("claiming {}", dir.display()), e))?;
-            }
-        }
+    /// Asks the supervisor to start a recorded execution (it takes the claim when it does).
+    fn begin(self: &Arc<Self>, token: &Token) -> Result<Asked> {
         let supervisor = self
             .supervisor()
             .map_err(|e| classify("starting the supervisor", e))?;
-        Ok(Begin::Asked(supervisor.request(token.as_str()), supervisor))
+        Ok((supervisor.request(token.as_str()), supervisor))
     }
 
     /// Starts a recorded execution whose slot the caller has reserved. `Ok(true)`: a watcher
@@ -524,11 +498,7 @@ impl Local {
     /// removed so a retry starts afresh) and the caller frees the slot.
     async fn start(self: &Arc<Self>, token: &Token, spec: &Spec, from_run: bool) -> Result<bool> {
         match self.begin(token) {
-            Ok(Begin::Nothing) => Ok(false),
-            Ok(Begin::Adopted) => Ok(true),
-            Ok(Begin::Asked(reply, supervisor)) => {
-                self.finish(token, spec, from_run, reply, supervisor).await
-            }
+            Ok((reply, supervisor)) => self.finish(token, spec, from_run, reply, supervisor).await,
             Err(e) => Err(self.failed_start(token, spec, from_run, e, true)),
         }
     }
@@ -551,7 +521,12 @@ impl Local {
             .cloned()
             .unwrap_or_default();
         match reply.await {
-            Ok(Ok(pid)) => {
+            Ok(Ok(Start::Skipped(Skip::Cancelled | Skip::Owned))) => Ok(false),
+            Ok(Ok(Start::Skipped(Skip::Adopt))) => {
+                self.attach(token, Waiter::Poll(Duration::from_millis(20)));
+                Ok(true)
+            }
+            Ok(Ok(Start::Running(pid))) => {
                 self.push(spec, token, Event::Running);
                 // A cancel that raced with this start may have found no pid to signal.
                 if read_stop(&dir).is_some() {
@@ -570,6 +545,13 @@ impl Local {
                     self.push(spec, token, Event::Running);
                     self.attach(token, Waiter::Poll(Duration::from_millis(20)));
                     return Ok(true);
+                }
+                if !dir.join(CLAIM).exists() {
+                    // Never claimed, so never started: it waits again, first in line.
+                    self.lock()
+                        .queue
+                        .push_front((token.clone(), Some(spec.clone())));
+                    return Ok(false);
                 }
                 let err = Error::transient(format!(
                     "the supervisor (pid {}) exited before starting `{program}`",
@@ -639,6 +621,7 @@ impl Local {
             let mut g = self.lock();
             g.slots.remove(token);
             g.ended.remove(token);
+            g.adopted.remove(token);
         }
         self.pump();
     }
@@ -649,7 +632,15 @@ impl Local {
         loop {
             let next = {
                 let mut g = self.lock();
-                if g.busy() >= self.settings.max_parallel {
+                // The supervisor gets up to `max_parallel` executions ahead of the running ones,
+                // so that it starts the next one as soon as a slot frees; not while work started
+                // elsewhere runs (the supervisor only counts its own children).
+                let ahead = if g.adopted.is_empty() {
+                    self.settings.max_parallel
+                } else {
+                    0
+                };
+                if g.busy() >= self.settings.max_parallel.saturating_add(ahead) {
                     None
                 } else {
                     let next = g.queue.pop_front();
@@ -677,11 +668,7 @@ impl Local {
                 }
             };
             match self.begin(&token) {
-                Ok(Begin::Nothing) => {
-                    self.lock().slots.remove(&token);
-                }
-                Ok(Begin::Adopted) => {}
-                Ok(Begin::Asked(reply, supervisor)) => {
+                Ok((reply, supervisor)) => {
                     let this = Arc::clone(self);
                     tokio::spawn(async move {
                         match this.finish(&token, &spec, false, reply, supervisor).await {
@@ -713,6 +700,9 @@ impl Local {
     fn attach_with(self: &Arc<Self>, token: &Token, waiter: Waiter, fresh: Option<Spec>) {
         let wake = {
             let mut g = self.lock();
+            if matches!(waiter, Waiter::Poll(_)) {
+                g.adopted.insert(token.clone());
+            }
             g.slots
                 .entry(token.clone())
                 .or_insert_with(|| Arc::new(Notify::new()))
@@ -1191,11 +1181,20 @@ fn stage(staging: &Path, spec: &Spec) -> Result<()> {
     Ok(())
 }
 
-/// Runs in the supervisor: starts the execution `token` of `state_dir` from its `spec.json`, in
-/// its own process group, and records `<its pid> <supervisor pid>` in `pid`. Returns its pid.
-/// Errors: an invalid token, an unreadable spec, the spawn's (`ENOENT`, `EACCES`, `EAGAIN`…), or
-/// the `pid` record's (the work is then killed: untracked work must not run).
-pub(crate) fn start_work(state_dir: &Path, token: &str, supervisor: i32) -> io::Result<i32> {
+/// Runs in the supervisor: takes the execution's claim for its orchestrator (`start
+/// <orchestrator pid>`: the process that follows the work; a restarted orchestrator adopts work
+/// whose claim names a dead one), starts it from
+/// its `spec.json` in its own process group, and records `<its pid> <supervisor pid>` in `pid`.
+/// Skips it when the claim says so: cancelled, held by a live starter, or started by a dead one
+/// (adopt). Errors: an invalid token, an unreadable spec, the claim's, the spawn's (`ENOENT`,
+/// `EACCES`, `EAGAIN`…), or the `pid` record's (the work is then killed: untracked work must not
+/// run).
+pub(crate) fn start_work(
+    state_dir: &Path,
+    token: &str,
+    supervisor: i32,
+    orchestrator: u32,
+) -> io::Result<Start> {
     if !valid_token(token) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -1206,13 +1205,30 @@ pub(crate) fn start_work(state_dir: &Path, token: &str, supervisor: i32) -> io::
     let spec = read_spec(&dir)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no spec.json"))?;
+    let me = orchestrator;
+    match claim(&dir, &Claim::Start(me))? {
+        None => {}
+        Some(Claim::Cancelled) => return Ok(Start::Skipped(Skip::Cancelled)),
+        Some(Claim::Start(owner)) => {
+            // A live orchestrator process (another one, or ours for a repeated request)
+            // follows it.
+            if pid_alive(owner) {
+                return Ok(Start::Skipped(Skip::Owned));
+            }
+            // Its starter died: adopt it if it runs, else start it.
+            if read_pid(&dir, PID).is_some() {
+                return Ok(Start::Skipped(Skip::Adopt));
+            }
+            write_atomic(&dir, CLAIM, Claim::Start(me).encode().as_bytes())?;
+        }
+    }
     let child = command(&dir, &spec)?.spawn()?;
     let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("process id out of range"))?;
     if let Err(e) = write_atomic(&dir, PID, format!("{pid} {supervisor}\n").as_bytes()) {
         let _ = signal_group(pid, libc::SIGKILL);
         return Err(e);
     }
-    Ok(pid)
+    Ok(Start::Running(pid))
 }
 
 /// Runs in the supervisor: records how the work of `token` ended.

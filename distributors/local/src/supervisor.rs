@@ -12,10 +12,19 @@
 //! | from | line | meaning |
 //! |---|---|---|
 //! | supervisor | `ready <pid>` | it is up (first line) |
-//! | orchestrator | `start <seq> <token>` | start the execution whose `spec.json` is in `<state_dir>/<token>` |
+//! | orchestrator | `start <seq> <token>` | start the execution whose `spec.json` is in `<state_dir>/<token>` when a slot is free |
 //! | supervisor | `ok <seq> <pid>` | the work runs as `<pid>`, its own process group; its `pid` record is written |
+//! | supervisor | `skip <seq> cancelled\|owned\|adopt` | not started: cancelled first, claimed by a live starter, or already running under a dead one |
 //! | supervisor | `err <seq> <errno> <message>` | it could not start (`errno` 0: not an OS error); nothing runs |
 //! | supervisor | `exit <token>` | the work's main process ended and its `exit` record is written |
+//!
+//! The supervisor runs at most `max_parallel` children and keeps further requests in order until
+//! a child ends: the orchestrator hands it a few executions ahead, so that the next one starts
+//! the moment a slot frees, without a round trip. Before starting one it takes the execution's
+//! `claim` in its orchestrator's name (`start <orchestrator pid>`; first writer wins against
+//! `cancel` and other instances).
+//! When the orchestrator goes away it drops the requests it has not started (they have no claim:
+//! a restarted orchestrator queues them again).
 //!
 //! The supervisor is single-threaded: it resets inherited signal handlers, points its own stdio
 //! at `/dev/null`, closes every other inherited descriptor (the orchestrator's sockets, database
@@ -48,7 +57,7 @@
 //! The earlier design, a supervisor forked from the orchestrator per execution, cost three times
 //! the CPU of `xargs` per execution (BENCHMARKS.md).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -114,6 +123,42 @@ impl ExitRecord {
     }
 }
 
+/// What the supervisor did with a start request (see the protocol table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// It runs as this pid (= process group id).
+    Running(i32),
+    /// It was not started.
+    Skipped(Skip),
+}
+
+/// Why a request was not started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Skip {
+    /// Cancelled before it started.
+    Cancelled,
+    /// A live starter (another instance or process) holds its claim.
+    Owned,
+    /// Its starter died after starting it: it runs, follow it through its files.
+    Adopt,
+}
+
+impl Skip {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Cancelled => "cancelled",
+            Self::Owned => "owned",
+            Self::Adopt => "adopt",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Self::Cancelled, Self::Owned, Self::Adopt]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
 /// Why a start was not confirmed.
 #[derive(Debug)]
 pub(crate) enum StartFailure {
@@ -124,8 +169,8 @@ pub(crate) enum StartFailure {
     Lost,
 }
 
-/// The answer to one start: the work's pid (= its process group id), or why not.
-pub(crate) type Started = Result<i32, StartFailure>;
+/// The answer to one start request.
+pub(crate) type Started = Result<Start, StartFailure>;
 
 /// What the orchestrator side does with the supervisor's reports. Called on the reader task.
 pub(crate) struct Hooks {
@@ -159,10 +204,15 @@ impl Supervisor {
     /// Forks a supervisor for the state directory `state_dir` and starts the tasks that talk to
     /// it. MUST be called within a tokio runtime. Errors: the fork's or the socket's (`EAGAIN`,
     /// `EMFILE`…), or the supervisor not saying `ready` within 10 s.
-    pub(crate) fn spawn(state_dir: &Path, hooks: Hooks) -> io::Result<Arc<Self>> {
+    pub(crate) fn spawn(
+        state_dir: &Path,
+        max_parallel: usize,
+        hooks: Hooks,
+    ) -> io::Result<Arc<Self>> {
         let (ours, theirs) = UnixStream::pair()?;
         let max_fd = max_fd();
         let theirs_fd = theirs.as_raw_fd();
+        let orchestrator = std::process::id();
         // SAFETY: the intermediate child only calls async-signal-safe functions (setsid, fork,
         // _exit). The supervisor (grandchild) runs `serve`, which never returns: it allocates
         // (glibc's malloc is consistent in a forked child) but takes no lock another thread of
@@ -178,7 +228,7 @@ impl Supervisor {
                     libc::_exit(1);
                 }
                 match libc::fork() {
-                    0 => serve(theirs_fd, state_dir, max_fd),
+                    0 => serve(theirs_fd, state_dir, orchestrator, max_parallel, max_fd),
                     -1 => libc::_exit(1),
                     _ => libc::_exit(0),
                 }
@@ -239,7 +289,14 @@ impl Supervisor {
                 if let (Ok(seq), Ok(pid)) = (seq.parse(), pid.parse())
                     && let Some(tx) = lock(pending).replies.remove(&seq)
                 {
-                    let _ = tx.send(Ok(pid));
+                    let _ = tx.send(Ok(Start::Running(pid)));
+                }
+            }
+            (Some("skip"), Some(seq), Some(why)) => {
+                if let (Ok(seq), Some(why)) = (seq.parse(), Skip::parse(why))
+                    && let Some(tx) = lock(pending).replies.remove(&seq)
+                {
+                    let _ = tx.send(Ok(Start::Skipped(why)));
                 }
             }
             (Some("err"), Some(seq), Some(errno)) => {
@@ -329,7 +386,13 @@ fn read_ready(mut stream: &UnixStream) -> io::Result<i32> {
 }
 
 /// The supervisor's main: never returns.
-fn serve(control: RawFd, state_dir: &Path, max_fd: i32) -> ! {
+fn serve(
+    control: RawFd,
+    state_dir: &Path,
+    orchestrator: u32,
+    max_parallel: usize,
+    max_fd: i32,
+) -> ! {
     // SAFETY: single-threaded forked child; descriptors and signal state are ours to change.
     let sfd = unsafe {
         if control != CONTROL && libc::dup3(control, CONTROL, libc::O_CLOEXEC) == -1 {
@@ -342,6 +405,8 @@ fn serve(control: RawFd, state_dir: &Path, max_fd: i32) -> ! {
             }
         }
         close_from(CONTROL + 1, max_fd);
+        // Shown by `ps` and `top` (it inherited the name of the orchestrator's thread).
+        libc::prctl(libc::PR_SET_NAME, c"distributor-sup".as_ptr());
         reset_signal_handlers();
         let mut mask: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut mask);
@@ -357,10 +422,13 @@ fn serve(control: RawFd, state_dir: &Path, max_fd: i32) -> ! {
         state_dir,
         // SAFETY: getpid cannot fail.
         me: unsafe { libc::getpid() },
+        orchestrator,
         sfd,
         reading: true,
         writing: true,
         children: HashMap::new(),
+        max_parallel: max_parallel.max(1),
+        queue: VecDeque::new(),
         input: Vec::with_capacity(4096),
     };
     let code = server.run();
@@ -372,6 +440,8 @@ fn serve(control: RawFd, state_dir: &Path, max_fd: i32) -> ! {
 struct Server<'a> {
     state_dir: &'a Path,
     me: libc::pid_t,
+    /// The orchestrator process, in whose name claims are taken.
+    orchestrator: u32,
     sfd: RawFd,
     /// The orchestrator may still send requests.
     reading: bool,
@@ -379,6 +449,9 @@ struct Server<'a> {
     writing: bool,
     /// Running work: pid → token.
     children: HashMap<libc::pid_t, String>,
+    max_parallel: usize,
+    /// Requests waiting for a slot, in order: (seq, token).
+    queue: VecDeque<(String, String)>,
     input: Vec<u8>,
 }
 
@@ -429,7 +502,9 @@ impl Server<'_> {
             return;
         }
         if n == 0 {
+            // The orchestrator is gone: nothing more starts (unstarted requests have no claim).
             self.reading = false;
+            self.queue.clear();
             return;
         }
         self.input
@@ -441,22 +516,34 @@ impl Server<'_> {
             if let (Some("start"), Some(seq), Some(token), None) =
                 (words.next(), words.next(), words.next(), words.next())
             {
-                let reply = match start_work(self.state_dir, token, self.me) {
-                    Ok(pid) => {
-                        self.children.insert(pid, token.to_owned());
-                        format!("ok {seq} {pid}\n")
-                    }
-                    Err(e) => {
-                        let message: String = e
-                            .to_string()
-                            .chars()
-                            .map(|c| if c.is_control() { ' ' } else { c })
-                            .collect();
-                        format!("err {seq} {} {message}\n", e.raw_os_error().unwrap_or(0))
-                    }
-                };
-                self.send(&reply);
+                self.queue.push_back((seq.to_owned(), token.to_owned()));
             }
+        }
+        self.start_queued();
+    }
+
+    /// Starts queued requests while fewer than `max_parallel` children run.
+    fn start_queued(&mut self) {
+        while self.reading && self.children.len() < self.max_parallel {
+            let Some((seq, token)) = self.queue.pop_front() else {
+                break;
+            };
+            let reply = match start_work(self.state_dir, &token, self.me, self.orchestrator) {
+                Ok(Start::Running(pid)) => {
+                    self.children.insert(pid, token);
+                    format!("ok {seq} {pid}\n")
+                }
+                Ok(Start::Skipped(why)) => format!("skip {seq} {}\n", why.as_str()),
+                Err(e) => {
+                    let message: String = e
+                        .to_string()
+                        .chars()
+                        .map(|c| if c.is_control() { ' ' } else { c })
+                        .collect();
+                    format!("err {seq} {} {message}\n", e.raw_os_error().unwrap_or(0))
+                }
+            };
+            self.send(&reply);
         }
     }
 
@@ -465,6 +552,7 @@ impl Server<'_> {
         // Drain the signalfd (SIGCHLDs coalesce: waitpid below collects every ended child).
         // SAFETY: read into a buffer we own from a non-blocking descriptor.
         while unsafe { libc::read(self.sfd, info.as_mut_ptr().cast(), info.len()) } > 0 {}
+        let mut ended = Vec::new();
         loop {
             let mut status: libc::c_int = 0;
             // SAFETY: waitpid for any child, writing into a local.
@@ -473,12 +561,16 @@ impl Server<'_> {
                 break;
             }
             if let Some(token) = self.children.remove(&pid) {
-                let record = ExitRecord::of_wait_status(status);
-                // A record that cannot be written (disk full) leaves the execution without
-                // one; the report still wakes the orchestrator, which then reads the files.
-                let _ = write_exit(self.state_dir, &token, record);
-                self.send(&format!("exit {token}\n"));
+                ended.push((token, ExitRecord::of_wait_status(status)));
             }
+        }
+        // The freed slots go to waiting work first: that is the latency that matters.
+        self.start_queued();
+        for (token, record) in ended {
+            // A record that cannot be written (disk full) leaves the execution without one; the
+            // report still wakes the orchestrator, which then reads the files.
+            let _ = write_exit(self.state_dir, &token, record);
+            self.send(&format!("exit {token}\n"));
         }
     }
 
