@@ -32,7 +32,12 @@ pub enum Synchronous {
 /// A store in one SQLite file.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
+    /// Reads (several connections, concurrent with writes under WAL).
     pool: SqlitePool,
+    /// Every write goes through this one connection: its page cache stays valid from one
+    /// transaction to the next (a connection whose file another connection changed must drop
+    /// its cache and read the pages again), and writes never wait on each other for the lock.
+    writer: SqlitePool,
 }
 
 fn store_err(what: &str) -> impl FnOnce(sqlx::Error) -> Error + '_ {
@@ -87,13 +92,19 @@ impl SqliteStore {
             .busy_timeout(std::time::Duration::from_secs(5));
         // No ping before each acquire: the database is a local file, and a ping is one more
         // round trip to sqlx's SQLite thread per transaction and per read.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .test_before_acquire(false)
+            .connect_with(opts.clone())
+            .await
+            .map_err(store_err("open"))?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .test_before_acquire(false)
             .connect_with(opts)
             .await
             .map_err(store_err("open"))?;
-        let store = Self { pool };
+        let store = Self { pool, writer };
         store.migrate().await?;
         Ok(store)
     }
@@ -106,13 +117,17 @@ impl SqliteStore {
             .connect_with(opts)
             .await
             .map_err(store_err("open"))?;
-        let store = Self { pool };
+        // One connection for both: every connection to `:memory:` is a database of its own.
+        let store = Self {
+            writer: pool.clone(),
+            pool,
+        };
         store.migrate().await?;
         Ok(store)
     }
 
     async fn migrate(&self) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(store_err("migrate"))?;
+        let mut tx = self.writer.begin().await.map_err(store_err("migrate"))?;
         let current: i64 = sqlx::query_scalar("PRAGMA user_version")
             .fetch_one(&mut *tx)
             .await
@@ -161,7 +176,7 @@ impl Store for SqliteStore {
                 Err(e) => tracing::debug!(error = %e, "one-trip commit failed; retrying"),
             }
         }
-        let mut tx = self.pool.begin().await.map_err(store_err("begin"))?;
+        let mut tx = self.writer.begin().await.map_err(store_err("begin"))?;
         let (segments, others) = segments(batch)?;
         for mut seg in segments {
             seg.write(&mut tx).await?;
@@ -350,7 +365,7 @@ impl SqliteStore {
         for seg in segments {
             q = seg.bind_all(q);
         }
-        let mut conn = self.pool.acquire().await.map_err(store_err("acquire"))?;
+        let mut conn = self.writer.acquire().await.map_err(store_err("acquire"))?;
         if let Err(e) = q.execute(&mut *conn).await {
             if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err() {
                 conn.close_on_drop();

@@ -532,7 +532,11 @@ impl Local {
                 if read_stop(&dir).is_some() {
                     let _ = signal_group(pid, libc::SIGTERM);
                 }
-                self.attach_with(token, Waiter::Supervised(supervisor), Some(spec.clone()));
+                self.attach_with(
+                    token,
+                    Waiter::Supervised(supervisor),
+                    Some((spec.clone(), pid)),
+                );
                 Ok(true)
             }
             Ok(Err(StartFailure::NotStarted(e))) => {
@@ -697,7 +701,7 @@ impl Local {
 
     /// Spawns the watcher of `token`; `fresh` is the spec of work this instance has just started
     /// (its state is known: the watcher skips reading it until something happens).
-    fn attach_with(self: &Arc<Self>, token: &Token, waiter: Waiter, fresh: Option<Spec>) {
+    fn attach_with(self: &Arc<Self>, token: &Token, waiter: Waiter, fresh: Option<(Spec, i32)>) {
         let wake = {
             let mut g = self.lock();
             if matches!(waiter, Waiter::Poll(_)) {
@@ -720,12 +724,21 @@ impl Local {
         token: Token,
         mut waiter: Waiter,
         wake: Arc<Notify>,
-        mut fresh: Option<Spec>,
+        mut fresh: Option<(Spec, i32)>,
     ) {
         let dir = self.path(&token);
         let mut spec = None;
+        // For work this instance started: its pid and its supervisor's.
+        let mut known: Option<(i32, Option<i32>)> = None;
         loop {
-            if let Some(started) = fresh.take() {
+            if let Some((started, pid)) = fresh.take() {
+                known = Some((
+                    pid,
+                    match &waiter {
+                        Waiter::Supervised(s) => Some(s.pid()),
+                        Waiter::Poll(_) => None,
+                    },
+                ));
                 // Just started by this instance: running, no stop recorded (a cancel that raced
                 // with the start was signalled by the starter and wakes us). The time limit
                 // counts from the `pid` record, written before the spawn returned: a limit from
@@ -747,7 +760,13 @@ impl Local {
                 }
                 continue;
             }
-            let snap = match read_snapshot(&dir) {
+            let ended = match (known, &spec) {
+                (Some((pid, supervisor)), Some(spec)) => {
+                    ended_snapshot(&dir, spec, pid, supervisor)
+                }
+                _ => None,
+            };
+            let snap = match ended.map_or_else(|| read_snapshot(&dir), |s| Ok(Some(s))) {
                 Ok(Some(s)) => s,
                 Ok(None) => break,
                 Err(e) => {
@@ -1410,6 +1429,23 @@ fn read_snapshot(dir: &Path) -> Result<Option<Snapshot>> {
         exit,
         stop,
     }))
+}
+
+/// The snapshot of work this instance started (its spec and pids are known: no `error.json`, the
+/// claim is ours) once its `exit` record exists: two reads instead of the whole directory.
+/// `None` while it runs (the full snapshot then says when its time limit falls due).
+fn ended_snapshot(dir: &Path, spec: &Spec, pid: i32, supervisor: Option<i32>) -> Option<Snapshot> {
+    let exit = read_opt(&dir.join(EXIT)).ok().flatten()?;
+    Some(Snapshot {
+        spec: spec.clone(),
+        error: None,
+        claim: None,
+        pid: Some(pid),
+        started_at: None,
+        supervisor,
+        exit: Some(ExitRecord::parse(&exit)),
+        stop: read_stop(dir),
+    })
 }
 
 /// Takes `claim` for the execution in `dir` if nobody holds one; else returns the holder's.

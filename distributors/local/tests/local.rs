@@ -764,3 +764,81 @@ async fn a_new_instance_never_starts_work_claimed_by_a_live_one() {
     assert_eq!(b.recover(&queued).await.unwrap(), Status::Pending);
     assert!(!dir.join("pid").exists(), "started despite the live claim");
 }
+
+/// The supervisor holds work ahead of a free slot (so that it starts the moment one frees); a
+/// cancel that comes first still wins: the work ends `Cancelled` and never runs.
+#[tokio::test]
+async fn cancelling_work_handed_ahead_to_the_supervisor_never_starts_it() {
+    let state = tempfile::tempdir().unwrap();
+    let (d, _p) = build(LocalConfig {
+        max_parallel: 1,
+        ..config(state.path())
+    })
+    .await;
+    let gate = state.path().join("gate");
+    let marker = state.path().join("ran");
+    let a = start(&d, 31, gated(&gate, 0)).await;
+    let script = format!("touch '{}'", marker.display());
+    let b = start(&d, 32, json!({ "script": script })).await;
+    assert_eq!(d.status(&a).await.unwrap(), Status::Running);
+    assert_eq!(d.status(&b).await.unwrap(), Status::Pending);
+    d.cancel(&b).await.unwrap();
+    let (kind, _) = abnormal(&finished(&d, &b).await);
+    assert_eq!(kind, AbnormalKind::Cancelled);
+    std::fs::write(&gate, "").unwrap();
+    assert!(finished(&d, &a).await.is_success());
+    // The next work starts in the freed slot, so the supervisor has passed `b` by.
+    let c = start(&d, 33, json!({"argv": ["true"]})).await;
+    assert!(finished(&d, &c).await.is_success());
+    assert!(!marker.exists(), "cancelled work ran");
+    assert!(!state.path().join("req-32/pid").exists());
+}
+
+/// If the supervisor is killed, the work it started keeps running but its exit status is lost:
+/// the execution ends `Crashed` once the work is gone (never `Running` forever, never a made-up
+/// status), and the instance starts a new supervisor for the next work.
+#[tokio::test]
+async fn killed_supervisor_ends_its_work_crashed_and_is_replaced() {
+    let state = tempfile::tempdir().unwrap();
+    let (d, _p) = build(config(state.path())).await;
+    let gate = state.path().join("gate");
+    let a = start(&d, 41, gated(&gate, 0)).await;
+    assert_eq!(d.status(&a).await.unwrap(), Status::Running);
+    let record = std::fs::read_to_string(state.path().join("req-41/pid")).unwrap();
+    let supervisor: i32 = record.split_whitespace().nth(1).unwrap().parse().unwrap();
+    // SAFETY: kill on the supervisor's pid, read from its own record.
+    assert_eq!(unsafe { libc::kill(supervisor, libc::SIGKILL) }, 0);
+    std::fs::write(&gate, "").unwrap();
+    let o = finished(&d, &a).await;
+    let (kind, reason) = abnormal(&o);
+    assert_eq!(kind, AbnormalKind::Crashed, "{reason}");
+    assert!(reason.contains("without recording"), "{reason}");
+    let b = start(&d, 42, json!({"argv": ["true"]})).await;
+    assert!(finished(&d, &b).await.is_success());
+    let record = std::fs::read_to_string(state.path().join("req-42/pid")).unwrap();
+    let next: i32 = record.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert_ne!(next, supervisor, "a new supervisor started the next work");
+}
+
+/// The supervisor blocks SIGCHLD for itself; the work must not inherit that (a shell that waits
+/// for its own children would hang).
+#[tokio::test]
+async fn work_starts_with_no_blocked_signals() {
+    let state = tempfile::tempdir().unwrap();
+    let (d, _p) = build(config(state.path())).await;
+    let e = start(
+        &d,
+        51,
+        json!({"script": "grep '^SigBlk' /proc/self/status"}),
+    )
+    .await;
+    let o = finished(&d, &e).await;
+    let Outcome::Succeeded { data } = &o else {
+        panic!("{o:?}");
+    };
+    let line = data["stdout_tail"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(line.ends_with("0000000000000000"), "{line}");
+}
