@@ -5,7 +5,8 @@
 //! Run with: `cargo bench -p distributor-local --bench true_vs_xargs`
 //! (`LOCAL_BENCH_N` sets N, default 2000; `LOCAL_BENCH_PARALLEL` the parallelism, default 2;
 //! `LOCAL_BENCH_ROUNDS` how many rounds, default 1; `LOCAL_BENCH_ONLY` a comma-separated subset
-//! of `engine,adapter,spawn,xargs,parallel`, for profiling).
+//! of `engine,adapter,spawn,xargs,parallel`, for profiling; `LOCAL_BENCH_DIR` where state goes;
+//! `LOCAL_BENCH_STORE=memory` puts the engine on a `MemoryStore`, to see what SQLite costs).
 //!
 //! - engine: one `submit_many` of N tasks `{"argv": ["true"]}` to an engine with a `local`
 //!   instance (`max_parallel` = parallelism) and a `SqliteStore` on a temp file, then `wait` on
@@ -21,10 +22,16 @@
 //!   is missing, the bench installs the Debian package (`apt-get install -y parallel`, as root or
 //!   through `sudo -n`); if that fails it says so and leaves the column out.
 //!
-//! Each execution gets its state directory, log files, supervisor and exit record, as in
-//! production. State directories go under `TMPDIR` (default `/tmp`) and are removed only when
-//! the bench ends: on ext4 without a journal, creating files right after deleting many is slow
-//! (the allocator skips recently deleted inodes), and one round's cleanup would slow the next.
+//! Each execution gets its state directory, log files, supervisor records, as in production.
+//! State directories (and the SQLite file) go under `LOCAL_BENCH_DIR`, default `/dev/shm` (tmpfs)
+//! when it exists: on this machine's ext4, creating files within minutes of deleting many is
+//! several times slower (the inode allocator scans recently deleted inodes: 75 % of all CPU
+//! after an earlier run's cleanup), so a disk figure says more about the previous run than about
+//! this one. They are removed when the bench ends. `LOCAL_BENCH_DIR=/tmp` measures on disk.
+//!
+//! Cargo runs benches with `LD_LIBRARY_PATH` set into the target directory and the toolchain,
+//! which makes every exec of `true` (in every column) look for libc there first; the bench
+//! removes it, so every column runs `true` as a shell or an orchestrator would.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -49,7 +56,7 @@ fn env(name: &str, default: usize) -> usize {
 
 /// N executions through engine + SQLite store + local adapter.
 async fn engine(n: usize, parallel: usize) -> (Duration, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = state_dir();
     let registry = Registry::new()
         .register::<LocalConfig>()
         .expect("register local");
@@ -91,7 +98,7 @@ async fn engine(n: usize, parallel: usize) -> (Duration, tempfile::TempDir) {
 
 /// N executions through the local adapter alone (no engine, no store).
 async fn adapter(n: usize, parallel: usize) -> (Duration, tempfile::TempDir) {
-    let state = tempfile::tempdir().expect("tempdir");
+    let state = state_dir();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let config = LocalConfig {
         state_dir: state.path().to_path_buf(),
@@ -270,7 +277,35 @@ fn line(name: &str, (wall, cpu): (Duration, Duration), n: usize) {
     );
 }
 
+/// Where the state directories (and the SQLite file) go: `LOCAL_BENCH_DIR`, else `/dev/shm`
+/// when it exists, else the temp directory.
+fn state_root() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("LOCAL_BENCH_DIR") {
+        return dir.into();
+    }
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+fn state_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("local-bench-")
+        .tempdir_in(state_root())
+        .expect("state directory")
+}
+
 fn main() {
+    // Cargo runs benches with `LD_LIBRARY_PATH` pointing into the target directory and the
+    // toolchain: every exec of `true` (in every column, the baselines too) would first look for
+    // libc there (53 failed opens each). No orchestrator runs like that: measure without it.
+    if std::env::var_os("LD_LIBRARY_PATH").is_some() {
+        // SAFETY: first thing in main, before any other thread exists.
+        unsafe { std::env::remove_var("LD_LIBRARY_PATH") };
+    }
     // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: run a small N then.
     let benching = std::env::args().any(|a| a == "--bench");
     let n = if benching {
@@ -288,6 +323,7 @@ fn main() {
     if let Err(why) = &gnu {
         println!("GNU parallel column left out: {why}");
     }
+    println!("state directories under {}", state_root().display());
     let only = std::env::var("LOCAL_BENCH_ONLY").unwrap_or_default();
     let want = |name: &str| only.is_empty() || only.split(',').any(|w| w.trim() == name);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
