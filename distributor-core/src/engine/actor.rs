@@ -23,6 +23,8 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 
 /// How many recently finished records the actor keeps for `wait`.
 const RECENT: usize = 4096;
+/// Batches with fewer writes than this are "small" for [`Settings::commit_delay`].
+const SMALL_BATCH: usize = 8;
 
 /// What the actor needs to start.
 pub(crate) struct Init {
@@ -125,6 +127,8 @@ pub(crate) struct Actor {
     committed_rx: Option<mpsc::UnboundedReceiver<u64>>,
     /// Number of the next batch handed to the store.
     next_batch: u64,
+    /// When the last batch was handed to the store (for [`Settings::commit_delay`]).
+    last_flush: Option<tokio::time::Instant>,
 }
 
 /// A batch handed to the store and what waits for it.
@@ -195,6 +199,7 @@ impl Actor {
             committed_tx,
             committed_rx: Some(committed_rx),
             next_batch: 0,
+            last_flush: None,
         };
         for inst in init.catalog.values() {
             a.snapshots.insert(
@@ -1337,7 +1342,21 @@ impl Actor {
         let committed = self.committed_tx.clone();
         let batch = self.next_batch;
         self.next_batch += 1;
+        let now = tokio::time::Instant::now();
+        let delay = self.settings.commit_delay;
+        // Waiting only pays when other executions may change meanwhile: a lone client that
+        // submits and waits would just be slowed down.
+        let group = !delay.is_zero()
+            && writes.len() < SMALL_BATCH
+            && self.live.len() > 2 * writes.len()
+            && self
+                .last_flush
+                .is_some_and(|t| now.duration_since(t) < delay * 10);
+        self.last_flush = Some(now);
         let write = tokio::spawn(async move {
+            if group {
+                tokio::time::sleep(delay).await;
+            }
             let mut attempt = 0;
             let result = loop {
                 match store.apply(&writes).await {
@@ -1362,6 +1381,7 @@ impl Actor {
     }
 
     /// Waits for the batch being committed, if any, then carries out what waited for it.
+    /// (Batches below [`SMALL_BATCH`] writes may wait [`Settings::commit_delay`] first.)
     async fn settle(&mut self) {
         let Some(f) = self.inflight.take() else {
             return;
