@@ -111,6 +111,8 @@ struct Inner {
     ended: HashSet<Token>,
     /// Executions in `slots` followed through their files (started by an earlier supervisor).
     adopted: HashSet<Token>,
+    /// Exit records reported by the supervisor, until the execution's watcher takes them.
+    exits: HashMap<Token, ExitRecord>,
     /// Executions waiting for a slot, oldest first, with their spec when this instance queued
     /// them (else it is read when they start).
     queue: VecDeque<(Token, Option<Spec>)>,
@@ -387,9 +389,6 @@ impl Local {
         payload.check()?;
         let token = token_for(&task.request_id)?;
         let dir = self.path(&token);
-        if dir.join(SPEC).exists() {
-            return self.existing(token);
-        }
         let spec = Spec {
             version: SPEC_VERSION,
             request_id: task.request_id.clone(),
@@ -465,9 +464,9 @@ impl Local {
             &self.settings.state_dir,
             self.settings.max_parallel,
             Hooks {
-                exited: Box::new(move |token| {
+                exited: Box::new(move |token, record| {
                     if let Some(local) = on_exit.upgrade() {
-                        local.ended(&Token::new(token));
+                        local.ended(&Token::new(token), record);
                     }
                 }),
                 lost: Box::new(move || {
@@ -603,11 +602,14 @@ impl Local {
 
     /// The supervisor reported that `token`'s main process ended: its slot goes to the next
     /// queued work now, and its watcher wakes to derive the outcome and push it.
-    fn ended(self: &Arc<Self>, token: &Token) {
+    fn ended(self: &Arc<Self>, token: &Token, record: Option<ExitRecord>) {
         let freed = {
             let mut g = self.lock();
             match g.slots.get(token).cloned() {
                 Some(wake) => {
+                    if let Some(record) = record {
+                        g.exits.insert(token.clone(), record);
+                    }
                     wake.notify_one();
                     g.ended.insert(token.clone())
                 }
@@ -626,6 +628,7 @@ impl Local {
             g.slots.remove(token);
             g.ended.remove(token);
             g.adopted.remove(token);
+            g.exits.remove(token);
         }
         self.pump();
     }
@@ -762,7 +765,8 @@ impl Local {
             }
             let ended = match (known, &spec) {
                 (Some((pid, supervisor)), Some(spec)) => {
-                    ended_snapshot(&dir, spec, pid, supervisor)
+                    let reported = self.lock().exits.remove(&token);
+                    ended_snapshot(&dir, spec, pid, supervisor, reported)
                 }
                 _ => None,
             };
@@ -1191,8 +1195,8 @@ fn stage(staging: &Path, spec: &Spec) -> Result<()> {
         .mode(0o700)
         .create(staging)
         .map_err(io)?;
-    let body = serde_json::to_vec_pretty(spec)
-        .map_err(|e| Error::permanent(format!("encoding spec: {e}")))?;
+    let body =
+        serde_json::to_vec(spec).map_err(|e| Error::permanent(format!("encoding spec: {e}")))?;
     write_new(&staging.join(SPEC), &body).map_err(io)?;
     if let Some(data) = &spec.payload.stdin {
         write_new(&staging.join(STDIN), data.as_bytes()).map_err(io)?;
@@ -1432,10 +1436,20 @@ fn read_snapshot(dir: &Path) -> Result<Option<Snapshot>> {
 }
 
 /// The snapshot of work this instance started (its spec and pids are known: no `error.json`, the
-/// claim is ours) once its `exit` record exists: two reads instead of the whole directory.
-/// `None` while it runs (the full snapshot then says when its time limit falls due).
-fn ended_snapshot(dir: &Path, spec: &Spec, pid: i32, supervisor: Option<i32>) -> Option<Snapshot> {
-    let exit = read_opt(&dir.join(EXIT)).ok().flatten()?;
+/// claim is ours) once its `exit` record exists (`reported`: as the supervisor reported it after
+/// writing it): one or two reads instead of the whole directory. `None` while it runs (the full
+/// snapshot then says when its time limit falls due).
+fn ended_snapshot(
+    dir: &Path,
+    spec: &Spec,
+    pid: i32,
+    supervisor: Option<i32>,
+    reported: Option<ExitRecord>,
+) -> Option<Snapshot> {
+    let exit = match reported {
+        Some(record) => Some(record),
+        None => ExitRecord::parse(&read_opt(&dir.join(EXIT)).ok().flatten()?),
+    };
     Some(Snapshot {
         spec: spec.clone(),
         error: None,
@@ -1443,7 +1457,7 @@ fn ended_snapshot(dir: &Path, spec: &Spec, pid: i32, supervisor: Option<i32>) ->
         pid: Some(pid),
         started_at: None,
         supervisor,
-        exit: Some(ExitRecord::parse(&exit)),
+        exit: Some(exit),
         stop: read_stop(dir),
     })
 }

@@ -16,7 +16,7 @@
 //! | supervisor | `ok <seq> <pid>` | the work runs as `<pid>`, its own process group; its `pid` record is written |
 //! | supervisor | `skip <seq> cancelled\|owned\|adopt` | not started: cancelled first, claimed by a live starter, or already running under a dead one |
 //! | supervisor | `err <seq> <errno> <message>` | it could not start (`errno` 0: not an OS error); nothing runs |
-//! | supervisor | `exit <token>` | the work's main process ended and its `exit` record is written |
+//! | supervisor | `exit <token> <record>` | the work's main process ended and its `exit` record (`exited N`, `signaled N`…; left out if it could not be written) is written |
 //!
 //! The supervisor runs at most `max_parallel` children and keeps further requests in order until
 //! a child ends: the orchestrator hands it a few executions ahead, so that the next one starts
@@ -174,8 +174,9 @@ pub(crate) type Started = Result<Start, StartFailure>;
 
 /// What the orchestrator side does with the supervisor's reports. Called on the reader task.
 pub(crate) struct Hooks {
-    /// The work of this token ended; its `exit` record is written.
-    pub(crate) exited: Box<dyn Fn(&str) + Send + Sync>,
+    /// The work of this token ended; its `exit` record is written (and is the second argument
+    /// when the report carries it).
+    pub(crate) exited: Box<dyn Fn(&str, Option<ExitRecord>) + Send + Sync>,
     /// The supervisor is gone (it exited or was killed).
     pub(crate) lost: Box<dyn Fn() + Send + Sync>,
 }
@@ -284,7 +285,10 @@ impl Supervisor {
     fn dispatch(pending: &Mutex<Pending>, hooks: &Hooks, line: &str) {
         let mut words = line.splitn(4, ' ');
         match (words.next(), words.next(), words.next()) {
-            (Some("exit"), Some(token), None) => (hooks.exited)(token),
+            (Some("exit"), Some(token), word) => {
+                let record = word.map(|w| format!("{w} {}", words.next().unwrap_or("")));
+                (hooks.exited)(token, record.as_deref().and_then(ExitRecord::parse));
+            }
             (Some("ok"), Some(seq), Some(pid)) => {
                 if let (Ok(seq), Ok(pid)) = (seq.parse(), pid.parse())
                     && let Some(tx) = lock(pending).replies.remove(&seq)
@@ -569,8 +573,11 @@ impl Server<'_> {
         for (token, record) in ended {
             // A record that cannot be written (disk full) leaves the execution without one; the
             // report still wakes the orchestrator, which then reads the files.
-            let _ = write_exit(self.state_dir, &token, record);
-            self.send(&format!("exit {token}\n"));
+            let line = match write_exit(self.state_dir, &token, record) {
+                Ok(()) => format!("exit {token} {}", record.encode()),
+                Err(_) => format!("exit {token}\n"),
+            };
+            self.send(&line);
         }
     }
 
