@@ -172,11 +172,14 @@ pub(crate) enum StartFailure {
 /// The answer to one start request.
 pub(crate) type Started = Result<Start, StartFailure>;
 
+/// Called with a token whose work ended, and its exit record when the report carries it.
+pub(crate) type ExitHook = dyn Fn(&str, Option<ExitRecord>) + Send + Sync;
+
 /// What the orchestrator side does with the supervisor's reports. Called on the reader task.
 pub(crate) struct Hooks {
     /// The work of this token ended; its `exit` record is written (and is the second argument
     /// when the report carries it).
-    pub(crate) exited: Box<dyn Fn(&str, Option<ExitRecord>) + Send + Sync>,
+    pub(crate) exited: Box<ExitHook>,
     /// The supervisor is gone (it exited or was killed).
     pub(crate) lost: Box<dyn Fn() + Send + Sync>,
 }
