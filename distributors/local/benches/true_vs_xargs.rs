@@ -6,7 +6,9 @@
 //! (`LOCAL_BENCH_N` sets N, default 2000; `LOCAL_BENCH_PARALLEL` the parallelism, default 2;
 //! `LOCAL_BENCH_ROUNDS` how many rounds, default 1; `LOCAL_BENCH_ONLY` a comma-separated subset
 //! of `engine,adapter,spawn,xargs,parallel`, for profiling; `LOCAL_BENCH_DIR` where state goes;
-//! `LOCAL_BENCH_STORE=memory` puts the engine on a `MemoryStore`, to see what SQLite costs).
+//! `LOCAL_BENCH_STORE=memory` puts the engine on a `MemoryStore`, to see what SQLite costs;
+//! `LOCAL_BENCH_COMMIT_DELAY_MS` sets the engine's group-commit delay, default 1 as in
+//! `Settings`, 0 to see what it buys).
 //!
 //! - engine: one `submit_many` of N tasks `{"argv": ["true"]}` to an engine with a `local`
 //!   instance (`max_parallel` = parallelism) and a `SqliteStore` on a temp file, then `wait` on
@@ -79,6 +81,15 @@ async fn engine(n: usize, parallel: usize) -> (Duration, tempfile::TempDir) {
         .registry(registry)
         .distributors(config)
         .store_arc(store)
+        .settings(distributor_core::engine::Settings {
+            commit_delay: Duration::from_millis(
+                std::env::var("LOCAL_BENCH_COMMIT_DELAY_MS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1),
+            ),
+            ..Default::default()
+        })
         .build()
         .await
         .expect("engine");
