@@ -13,15 +13,23 @@
 //! |---|---|---|
 //! | `spec.json` | `run` | request id, execution id, push token, payload, queue time (mode 0600) |
 //! | `stdin` | `run` | the payload's stdin data, if any |
-//! | `claim` | the starter / `cancel` | `start <orchestrator pid>` or `cancelled` (first wins) |
-//! | `pid` | the work, before exec | `<its pid> <supervisor pid>`; its pid is its process group id; the file's mtime is the start time |
+//! | `claim` | the supervisor, before it starts the work / `cancel` | `start <orchestrator pid>` or `cancelled` (first wins) |
+//! | `pid` | the supervisor, once the work runs | `<its pid> <supervisor pid>`; its pid is its process group id; the file's mtime is the start time |
 //! | `exit` | the supervisor | `exited N`, `signaled N` or `unknown` |
 //! | `stop` | `cancel` / time limit | `cancel <ms>` or `time_limit <ms>` (first wins): signals after it are ours |
-//! | `error.json` | the starter | why the work could not start |
+//! | `error.json` | the instance | why the work could not start |
 //! | `stdout`, `stderr` | the work | its output |
 //!
 //! `status` derives everything from these files (plus "is the process group alive"), so a fresh
 //! instance on the same directory knows exactly what an earlier one knew.
+//!
+//! # Slots and the supervisor
+//!
+//! An instance runs at most `max_parallel` executions; the rest wait in its queue, oldest first.
+//! Starting is the supervisor's job (`supervisor.rs`): the instance sends it start requests, up to
+//! `max_parallel` ahead of the running ones, and it starts each one as soon as one of its
+//! children ends. A slot is given back when the supervisor reports the exit; the execution's
+//! watcher then derives the outcome and pushes `finished`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
