@@ -1011,18 +1011,21 @@ async fn a_push_sent_before_run_returns_is_applied_once_the_launch_is_recorded()
     assert_eq!(h.last().unwrap().actor, Actor::Notification, "{h:?}");
 }
 
-/// A memory store whose next `apply` calls fail, transiently or permanently, on demand.
+/// A memory store whose next `apply` calls fail, transiently or permanently, on demand; it
+/// counts the batches it was given.
 #[derive(Debug, Default)]
 struct FlakyStore {
     inner: MemoryStore,
     fail_next: std::sync::atomic::AtomicU32,
     transient: std::sync::atomic::AtomicBool,
+    applies: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait::async_trait]
 impl Store for FlakyStore {
     async fn apply(&self, batch: &[store::Write]) -> Result<()> {
         use std::sync::atomic::Ordering::SeqCst;
+        self.applies.fetch_add(1, SeqCst);
         if self
             .fail_next
             .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
@@ -1209,4 +1212,94 @@ async fn in_process_pushes_with_a_forged_token_are_refused() {
     })
     .await;
     assert_eq!(e.get(id).await.unwrap().state, State::Running);
+}
+
+/// An engine on a counting store with the given group-commit delay.
+async fn engine_with_commit_delay(backend: &str, delay: Duration) -> (Engine, Arc<FlakyStore>) {
+    let store = Arc::new(FlakyStore::default());
+    let e = Engine::builder()
+        .registry(registry())
+        .distributors(config(backend))
+        .store_arc(store.clone())
+        .settings(Settings {
+            commit_delay: delay,
+            ..Settings::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    (e, store)
+}
+
+/// Group commit never slows down a client that awaits its answers: with other executions live,
+/// sequential submit-then-wait takes no more (virtual) time than with group commit off.
+#[tokio::test(start_paused = true)]
+async fn group_commit_does_not_delay_awaited_answers() {
+    let mut elapsed = Vec::new();
+    for (name, delay) in [
+        ("gc-awaited-off", Duration::ZERO),
+        ("gc-awaited-on", Duration::from_millis(5)),
+    ] {
+        let (e, _store) = engine_with_commit_delay(name, delay).await;
+        for _ in 0..20 {
+            e.submit(task("fake", json!({"hang": true}))).await.unwrap();
+        }
+        let t0 = tokio::time::Instant::now();
+        for _ in 0..30 {
+            let id = e.submit(task("fake", json!({}))).await.unwrap();
+            assert_eq!(e.wait(id).await.unwrap().state, State::Succeeded);
+        }
+        elapsed.push(t0.elapsed());
+    }
+    assert!(
+        elapsed[1] <= elapsed[0] + Duration::from_millis(5),
+        "with group commit {:?}, without {:?}",
+        elapsed[1],
+        elapsed[0]
+    );
+}
+
+/// Changes nobody awaits (here: executions finishing a few at a time while others are live)
+/// share transactions when group commit is on: fewer store writes for the same work.
+#[tokio::test(start_paused = true)]
+async fn group_commit_groups_unawaited_changes() {
+    let mut batches = Vec::new();
+    for (name, delay) in [
+        ("gc-groups-off", Duration::ZERO),
+        ("gc-groups-on", Duration::from_millis(5)),
+    ] {
+        let (e, store) = engine_with_commit_delay(name, delay).await;
+        for _ in 0..20 {
+            e.submit(task("fake", json!({"hang": true}))).await.unwrap();
+        }
+        // Finishes spread over 40 ms, one per millisecond.
+        let mut ids = Vec::new();
+        for i in 0..40u64 {
+            ids.push(
+                e.submit(task("fake", json!({"run_for_ms": 1_000 + i})))
+                    .await
+                    .unwrap(),
+            );
+        }
+        until("all running", || async {
+            let mut all = true;
+            for id in &ids {
+                all &= e.get(*id).await.unwrap().state == State::Running;
+            }
+            all
+        })
+        .await;
+        let before = store.applies.load(std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        for id in &ids {
+            assert_eq!(e.get(*id).await.unwrap().state, State::Succeeded);
+        }
+        batches.push(store.applies.load(std::sync::atomic::Ordering::SeqCst) - before);
+    }
+    assert!(
+        batches[1] * 2 <= batches[0],
+        "{} batches with group commit, {} without",
+        batches[1],
+        batches[0]
+    );
 }

@@ -129,6 +129,9 @@ pub(crate) struct Actor {
     next_batch: u64,
     /// When the last batch was handed to the store (for [`Settings::commit_delay`]).
     last_flush: Option<tokio::time::Instant>,
+    /// While set, this turn's changes are held (not yet flushed) until then, so that the next
+    /// turns' changes share their transaction ([`Settings::commit_delay`]).
+    hold_until: Option<tokio::time::Instant>,
 }
 
 /// A batch handed to the store and what waits for it.
@@ -200,6 +203,7 @@ impl Actor {
             committed_rx: Some(committed_rx),
             next_batch: 0,
             last_flush: None,
+            hold_until: None,
         };
         for inst in init.catalog.values() {
             a.snapshots.insert(
@@ -284,7 +288,11 @@ impl Actor {
         };
         self.flush().await;
         loop {
-            let wake = self.timers.first().map(|(t, _)| self.clock.instant_of(*t));
+            let timer = self.timers.first().map(|(t, _)| self.clock.instant_of(*t));
+            let wake = match (timer, self.hold_until) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let mut stop = None;
             if !self.ready.is_empty() {
                 // Results of calls that answered inline: handle them with whatever else is
@@ -293,15 +301,16 @@ impl Actor {
                     self.on_done(d);
                 }
                 stop = self.take_queued(&mut cmds, &mut done_rx, 0);
-                if wake.is_some_and(|w| w <= tokio::time::Instant::now()) {
+                if timer.is_some_and(|w| w <= tokio::time::Instant::now()) {
                     self.fire_timers();
                 }
-                self.flush().await;
                 if let Some(tx) = stop {
+                    self.flush().await;
                     self.settle().await;
                     let _ = tx.send(());
                     return;
                 }
+                self.flush_or_hold().await;
                 continue;
             }
             tokio::select! {
@@ -338,15 +347,18 @@ impl Actor {
                     continue;
                 }
                 _ = async { match wake { Some(w) => tokio::time::sleep_until(w).await, None => std::future::pending().await } } => {
-                    self.fire_timers();
+                    if timer.is_some_and(|w| w <= tokio::time::Instant::now()) {
+                        self.fire_timers();
+                    }
                 }
             }
-            self.flush().await;
             if let Some(tx) = stop {
+                self.flush().await;
                 self.settle().await;
                 let _ = tx.send(());
                 return;
             }
+            self.flush_or_hold().await;
         }
     }
 
@@ -578,6 +590,11 @@ impl Actor {
     }
 
     fn reply_after_commit(&mut self, reply: oneshot::Sender<Result<()>>) {
+        if reply.is_closed() {
+            // Nobody listens (an in-process push): nothing to answer, and nobody awaits the
+            // commit (see `Settings::commit_delay`).
+            return;
+        }
         self.effects.push(Effect::Reply(Box::new(move |r| {
             let _ = reply.send(r.map_err(store_failed));
         })));
@@ -1302,6 +1319,44 @@ impl Actor {
 
     // ----- commit and act ---------------------------------------------------------------
 
+    /// Group commit ([`Settings::commit_delay`]): whether to hold this turn's changes for the
+    /// next turns instead of flushing them now. Only small batches of changes nobody awaits
+    /// (no command's answer, no execution someone `wait`s for) are held, only while batches
+    /// follow each other closely and other executions are live (they may change meanwhile),
+    /// and never past the delay.
+    fn should_hold(&self, now: tokio::time::Instant) -> bool {
+        let delay = self.settings.commit_delay;
+        if delay.is_zero() || self.hold_until.is_some_and(|t| now >= t) {
+            return false;
+        }
+        let writes = self.dirty_order.len() + self.extra_writes.len();
+        if writes == 0 || writes >= SMALL_BATCH || self.live.len() <= 2 * writes {
+            return false;
+        }
+        let awaited = self.effects.iter().any(|e| matches!(e, Effect::Reply(_)))
+            || (!self.waiters.is_empty()
+                && self
+                    .dirty_order
+                    .iter()
+                    .any(|id| self.waiters.contains_key(id)));
+        !awaited
+            && self
+                .last_flush
+                .is_some_and(|t| now.duration_since(t) < delay * 10)
+    }
+
+    /// Flushes, unless [`Self::should_hold`] says to hold the changes a little longer.
+    async fn flush_or_hold(&mut self) {
+        let now = tokio::time::Instant::now();
+        if self.should_hold(now) {
+            if self.hold_until.is_none() {
+                self.hold_until = Some(now + self.settings.commit_delay);
+            }
+            return;
+        }
+        self.flush().await;
+    }
+
     /// Commits what this turn changed. The batch is written by a task of its own while the
     /// actor goes on with the next turn (the store works while the actor computes), but
     /// nothing waiting for the batch (replies, events, adapter calls, waiters) happens before
@@ -1311,6 +1366,8 @@ impl Actor {
         if self.dirty_order.is_empty() && self.extra_writes.is_empty() && self.effects.is_empty() {
             return;
         }
+        self.hold_until = None;
+        self.last_flush = Some(tokio::time::Instant::now());
         self.settle().await;
         let mut writes = Vec::with_capacity(self.dirty_order.len() + self.extra_writes.len());
         for id in self.dirty_order.drain(..) {
@@ -1342,21 +1399,7 @@ impl Actor {
         let committed = self.committed_tx.clone();
         let batch = self.next_batch;
         self.next_batch += 1;
-        let now = tokio::time::Instant::now();
-        let delay = self.settings.commit_delay;
-        // Waiting only pays when other executions may change meanwhile: a lone client that
-        // submits and waits would just be slowed down.
-        let group = !delay.is_zero()
-            && writes.len() < SMALL_BATCH
-            && self.live.len() > 2 * writes.len()
-            && self
-                .last_flush
-                .is_some_and(|t| now.duration_since(t) < delay * 10);
-        self.last_flush = Some(now);
         let write = tokio::spawn(async move {
-            if group {
-                tokio::time::sleep(delay).await;
-            }
             let mut attempt = 0;
             let result = loop {
                 match store.apply(&writes).await {
@@ -1381,7 +1424,6 @@ impl Actor {
     }
 
     /// Waits for the batch being committed, if any, then carries out what waited for it.
-    /// (Batches below [`SMALL_BATCH`] writes may wait [`Settings::commit_delay`] first.)
     async fn settle(&mut self) {
         let Some(f) = self.inflight.take() else {
             return;

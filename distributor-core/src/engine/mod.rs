@@ -84,13 +84,15 @@ pub struct Settings {
     pub token_ttl: Duration,
     /// Most commands applied in one batch (one store transaction).
     pub max_batch: usize,
-    /// Group commit: while small batches (under 8 writes) follow each other closely (the
-    /// previous one began less than ten times this ago) and other executions are live (they
-    /// may change meanwhile), each waits this long before it is written, so that the changes
-    /// arriving meanwhile share the next transaction instead of paying one each. It delays
-    /// nothing when the engine is idle, when batches are large, or for a lone execution. Zero
-    /// turns it off. Replies, events and adapter calls still wait for their own commit: this
-    /// is the most a change waits extra (tokio's timer rounds it up to the next millisecond).
+    /// Group commit: the longest the engine holds a small batch of changes (under 8 writes)
+    /// that nobody awaits (adapter pushes and call results, timers; not a command's answer,
+    /// not a change to an execution someone `wait`s for) before writing it, so that the
+    /// changes of the next turns share its transaction instead of paying one each. It holds
+    /// only while batches follow each other closely (the last one less than ten times this
+    /// ago) and other executions are live; an awaited change or a full batch ends the hold at
+    /// once. Nothing is held when the engine is idle or for a lone execution, and no client
+    /// waiting for an answer is delayed. Adapter calls that follow a held change (a status
+    /// push's handling, the next dispatch) wait with it. Zero turns it off.
     #[serde(with = "humantime_ms")]
     pub commit_delay: Duration,
     /// Capacity of the event stream; slow subscribers see a lag error past it.
