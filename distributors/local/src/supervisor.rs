@@ -73,6 +73,8 @@ use crate::core::{start_work, write_exit};
 
 /// The descriptor of the control socket in the supervisor.
 const CONTROL: RawFd = 3;
+/// The longest request line the supervisor keeps (requests are a few dozen bytes).
+const MAX_LINE: usize = 64 * 1024;
 /// How long the orchestrator waits for a new supervisor's `ready` line.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -516,6 +518,10 @@ impl Server<'_> {
         }
         self.input
             .extend_from_slice(&buf[..usize::try_from(n).unwrap_or(0)]);
+        if self.input.len() > MAX_LINE && !self.input.contains(&b'\n') {
+            // Not our protocol (requests are a few dozen bytes): drop it rather than grow.
+            self.input.clear();
+        }
         while let Some(end) = self.input.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.input.drain(..=end).collect();
             let line = String::from_utf8_lossy(&line[..end]).into_owned();
