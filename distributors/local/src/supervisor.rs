@@ -51,6 +51,11 @@
 //! ends `Crashed` ("ended without recording an exit status"); the instance starts a new
 //! supervisor for the next work.
 //!
+//! The supervisor is a fork of a multi-threaded process that goes on running Rust code: it
+//! allocates (glibc makes `malloc` safe in a forked child) and spawns with the standard library,
+//! which takes the environment's read lock. An orchestrator MUST NOT change its environment
+//! (`std::env::set_var`) from another thread while an instance starts its first execution.
+//!
 //! Cost: one `fork` of the orchestrator per instance (the supervisor keeps a copy-on-write
 //! snapshot of the orchestrator's memory as it was then, touching almost none of it), and per
 //! execution one `posix_spawn` from a small process, two atomic records, and two socket lines.

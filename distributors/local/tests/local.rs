@@ -645,7 +645,7 @@ async fn queue_is_rebuilt_from_the_state_directory() {
     })
     .await;
     let ta = task(21, "first", gated(&gate, 0));
-    let tb = task(22, "second", json!({"argv": ["true"]}));
+    let tb = task(22, "second", second_payload(state.path()));
     let (a, b) = (
         execution(&ta, &Launch::new("first")),
         execution(&tb, &Launch::new("second")),
@@ -655,6 +655,20 @@ async fn queue_is_rebuilt_from_the_state_directory() {
     std::fs::write(&gate, "").unwrap();
     assert!(finished(&d, &a).await.is_success());
     assert!(finished(&d, &b).await.is_success());
+    // The killed orchestrator had already handed `second` to its supervisor (one ahead of the
+    // running work); that supervisor dropped it unstarted, and only this instance ran it.
+    let runs = std::fs::read_to_string(state.path().join("second-runs")).unwrap();
+    assert_eq!(
+        runs.lines().count(),
+        1,
+        "second ran {} times",
+        runs.lines().count()
+    );
+}
+
+/// The queued work of the queue scenario: appends a line to `second-runs` each time it runs.
+fn second_payload(state: &Path) -> Value {
+    json!({ "script": format!("echo ran >> '{}'", state.join("second-runs").display()) })
 }
 
 /// Not a test: the orchestrator process that `orchestrator_killed_after` starts and kills.
@@ -685,7 +699,7 @@ async fn helper_orchestrator() {
             })
             .await;
             let ta = task(21, "first", gated(gate, 0));
-            let tb = task(22, "second", json!({"argv": ["true"]}));
+            let tb = task(22, "second", second_payload(state));
             let la = d.run(&ta).await.unwrap();
             let lb = d.run(&tb).await.unwrap();
             poll_until(&d, &execution(&ta, &la), "running", |s| {
