@@ -25,6 +25,9 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 const RECENT: usize = 4096;
 /// Batches with fewer writes than this are "small" for [`Settings::commit_delay`].
 const SMALL_BATCH: usize = 8;
+/// While at most this many executions are awaited (`wait`), their changes are never held for
+/// group commit ([`Settings::commit_delay`]).
+const FEW_WAITED: usize = 4;
 
 /// What the actor needs to start.
 pub(crate) struct Init {
@@ -1333,8 +1336,11 @@ impl Actor {
         if writes == 0 || writes >= SMALL_BATCH || self.live.len() <= 2 * writes {
             return false;
         }
+        // A client following a few executions one at a time is slowed by any hold; one that
+        // waits for many at once (a batch run) only sees each result up to the delay later.
         let awaited = self.effects.iter().any(|e| matches!(e, Effect::Reply(_)))
             || (!self.waiters.is_empty()
+                && self.waiters.len() <= FEW_WAITED
                 && self
                     .dirty_order
                     .iter()

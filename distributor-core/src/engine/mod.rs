@@ -86,13 +86,15 @@ pub struct Settings {
     pub max_batch: usize,
     /// Group commit: the longest the engine holds a small batch of changes (under 8 writes)
     /// that nobody awaits (adapter pushes and call results, timers; not a command's answer,
-    /// not a change to an execution someone `wait`s for) before writing it, so that the
-    /// changes of the next turns share its transaction instead of paying one each. It holds
-    /// only while batches follow each other closely (the last one less than ten times this
-    /// ago) and other executions are live; an awaited change or a full batch ends the hold at
-    /// once. Nothing is held when the engine is idle or for a lone execution, and no client
-    /// waiting for an answer is delayed. Adapter calls that follow a held change (a status
-    /// push's handling, the next dispatch) wait with it. Zero turns it off.
+    /// not a change to an execution someone `wait`s for while at most 4 are awaited) before
+    /// writing it, so that the changes of the next turns share its transaction instead of
+    /// paying one each. It holds only while batches follow each other closely (the last one
+    /// less than ten times this ago) and other executions are live; an awaited change or a
+    /// full batch ends the hold at once. Nothing is held when the engine is idle or for a lone
+    /// execution, and a client following a few executions one at a time is never delayed; one
+    /// waiting for many at once (a batch run) sees each result at most this much later.
+    /// Adapter calls that follow a held change (a status push's handling, the next dispatch)
+    /// wait with it. Zero turns it off.
     #[serde(with = "humantime_ms")]
     pub commit_delay: Duration,
     /// Capacity of the event stream; slow subscribers see a lag error past it.

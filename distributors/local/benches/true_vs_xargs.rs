@@ -8,11 +8,13 @@
 //! of `engine,adapter,spawn,xargs,parallel`, for profiling; `LOCAL_BENCH_DIR` where state goes;
 //! `LOCAL_BENCH_STORE=memory` puts the engine on a `MemoryStore`, to see what SQLite costs;
 //! `LOCAL_BENCH_COMMIT_DELAY_MS` sets the engine's group-commit delay, default 1 as in
-//! `Settings`, 0 to see what it buys).
+//! `Settings`, 0 to see what it buys; `LOCAL_BENCH_FOLLOW=sequential` waits for the executions
+//! one after the other instead of all at once).
 //!
 //! - engine: one `submit_many` of N tasks `{"argv": ["true"]}` to an engine with a `local`
 //!   instance (`max_parallel` = parallelism) and a `SqliteStore` on a temp file, then `wait` on
-//!   each; every execution must end `Succeeded`. The time includes the engine's durable writes.
+//!   each, all at once (as `orchestrator run` follows its tasks); every execution must end
+//!   `Succeeded`. The time includes the engine's durable writes.
 //! - adapter alone: every task is given to `run` (most wait queued); done when the watcher of
 //!   each has pushed `finished`.
 //! - bare spawn: `tokio::process::Command::new("true")` from this process, two at a time, no
@@ -98,9 +100,22 @@ async fn engine(n: usize, parallel: usize) -> (Duration, tempfile::TempDir) {
         .submit_many(vec![Task::new("local", json!({"argv": ["true"]})); n])
         .await
         .expect("submit");
-    for id in ids {
-        let r = engine.wait(id).await.expect("wait");
-        assert_eq!(r.state, State::Succeeded, "{r:?}");
+    if std::env::var("LOCAL_BENCH_FOLLOW").as_deref() == Ok("sequential") {
+        for id in ids {
+            let r = engine.wait(id).await.expect("wait");
+            assert_eq!(r.state, State::Succeeded, "{r:?}");
+        }
+    } else {
+        // As `orchestrator run` follows its tasks: a wait on each, all at once.
+        let mut waits = tokio::task::JoinSet::new();
+        for id in ids {
+            let engine = engine.clone();
+            waits.spawn(async move { engine.wait(id).await });
+        }
+        while let Some(r) = waits.join_next().await {
+            let r = r.expect("join").expect("wait");
+            assert_eq!(r.state, State::Succeeded, "{r:?}");
+        }
     }
     let d = t0.elapsed();
     engine.shutdown().await;
