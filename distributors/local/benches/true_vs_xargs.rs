@@ -7,7 +7,7 @@
 //! `LOCAL_BENCH_ROUNDS` how many rounds, default 1; `LOCAL_BENCH_ONLY` a comma-separated subset
 //! of `engine,adapter,spawn,xargs,parallel`, for profiling; `LOCAL_BENCH_DIR` where state goes;
 //! `LOCAL_BENCH_STORE=memory` puts the engine on a `MemoryStore`, to see what SQLite costs;
-//! `LOCAL_BENCH_COMMIT_DELAY_MS` sets the engine's group-commit delay, default 1 as in
+//! `LOCAL_BENCH_COMMIT_DELAY_MS` sets the engine's group-commit delay, default 5 as in
 //! `Settings`, 0 to see what it buys; `LOCAL_BENCH_FOLLOW=sequential` waits for the executions
 //! one after the other instead of all at once).
 //!
@@ -88,7 +88,7 @@ async fn engine(n: usize, parallel: usize) -> (Duration, tempfile::TempDir) {
                 std::env::var("LOCAL_BENCH_COMMIT_DELAY_MS")
                     .ok()
                     .and_then(|v| v.parse().ok())
-                    .unwrap_or(1),
+                    .unwrap_or(5),
             ),
             ..Default::default()
         })
