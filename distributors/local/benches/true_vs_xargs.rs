@@ -27,8 +27,11 @@
 //!   through `sudo -n`); if that fails it says so and leaves the column out.
 //!
 //! Each execution gets its state directory, log files, supervisor records, as in production.
-//! State directories (and the SQLite file) go under `LOCAL_BENCH_DIR`, default `/dev/shm` (tmpfs)
-//! when it exists: on this machine's ext4, creating files within minutes of deleting many is
+//! The SQLite file goes under `LOCAL_BENCH_STORE_DIR`, default the temp directory (on disk: the
+//! store must survive a reboot). The local adapter's state directories go under
+//! `LOCAL_BENCH_DIR`, default `/dev/shm` (tmpfs) when it exists: they only need to outlive the
+//! orchestrator process (local work does not survive a reboot either), which is what `/run`
+//! is for; and on this machine's ext4, creating files within minutes of deleting many is
 //! several times slower (the inode allocator scans recently deleted inodes: 75 % of all CPU
 //! after an earlier run's cleanup), so a disk figure says more about the previous run than about
 //! this one. They are removed when the bench ends. `LOCAL_BENCH_DIR=/tmp` measures on disk.
@@ -59,8 +62,9 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 /// N executions through engine + SQLite store + local adapter.
-async fn engine(n: usize, parallel: usize) -> (Duration, tempfile::TempDir) {
+async fn engine(n: usize, parallel: usize) -> (Duration, [tempfile::TempDir; 2]) {
     let dir = state_dir();
+    let store_dir = store_dir();
     let registry = Registry::new()
         .register::<LocalConfig>()
         .expect("register local");
@@ -74,7 +78,7 @@ async fn engine(n: usize, parallel: usize) -> (Duration, tempfile::TempDir) {
         Arc::new(MemoryStore::new())
     } else {
         Arc::new(
-            SqliteStore::open(dir.path().join("store.db"))
+            SqliteStore::open(store_dir.path().join("store.db"))
                 .await
                 .expect("sqlite"),
         )
@@ -119,7 +123,7 @@ async fn engine(n: usize, parallel: usize) -> (Duration, tempfile::TempDir) {
     }
     let d = t0.elapsed();
     engine.shutdown().await;
-    (d, dir)
+    (d, [dir, store_dir])
 }
 
 /// N executions through the local adapter alone (no engine, no store).
@@ -317,6 +321,17 @@ fn state_root() -> std::path::PathBuf {
     }
 }
 
+/// Where the SQLite file goes: `LOCAL_BENCH_STORE_DIR`, else the temp directory (on disk here:
+/// the store must survive a reboot, unlike the local adapter's state).
+fn store_dir() -> tempfile::TempDir {
+    let root = std::env::var_os("LOCAL_BENCH_STORE_DIR")
+        .map_or_else(std::env::temp_dir, std::path::PathBuf::from);
+    tempfile::Builder::new()
+        .prefix("local-bench-store-")
+        .tempdir_in(root)
+        .expect("store directory")
+}
+
 fn state_dir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("local-bench-")
@@ -349,7 +364,13 @@ fn main() {
     if let Err(why) = &gnu {
         println!("GNU parallel column left out: {why}");
     }
-    println!("state directories under {}", state_root().display());
+    println!(
+        "local state under {}, SQLite store under {}",
+        state_root().display(),
+        std::env::var_os("LOCAL_BENCH_STORE_DIR")
+            .map_or_else(std::env::temp_dir, std::path::PathBuf::from)
+            .display()
+    );
     let only = std::env::var("LOCAL_BENCH_ONLY").unwrap_or_default();
     let want = |name: &str| only.is_empty() || only.split(',').any(|w| w.trim() == name);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -357,8 +378,8 @@ fn main() {
     for round in 1..=rounds {
         let e = want("engine").then(|| {
             measured(|| {
-                let (d, dir) = rt.block_on(engine(n, parallel));
-                keep.push(dir);
+                let (d, dirs) = rt.block_on(engine(n, parallel));
+                keep.extend(dirs);
                 d
             })
         });
