@@ -307,13 +307,9 @@ impl Actor {
                 if timer.is_some_and(|w| w <= tokio::time::Instant::now()) {
                     self.fire_timers();
                 }
-                if let Some(tx) = stop {
-                    self.flush().await;
-                    self.settle().await;
-                    let _ = tx.send(());
+                if self.end_turn(stop).await {
                     return;
                 }
-                self.flush_or_hold().await;
                 continue;
             }
             tokio::select! {
@@ -355,14 +351,23 @@ impl Actor {
                     }
                 }
             }
-            if let Some(tx) = stop {
-                self.flush().await;
-                self.settle().await;
-                let _ = tx.send(());
+            if self.end_turn(stop).await {
                 return;
             }
-            self.flush_or_hold().await;
         }
+    }
+
+    /// Ends a turn. On shutdown (`stop`), commits everything, answers the shutdown and returns
+    /// true: the actor stops. Otherwise flushes, or holds the changes for group commit.
+    async fn end_turn(&mut self, stop: Option<oneshot::Sender<()>>) -> bool {
+        if let Some(tx) = stop {
+            self.flush().await;
+            self.settle().await;
+            let _ = tx.send(());
+            return true;
+        }
+        self.flush_or_hold().await;
+        false
     }
 
     /// Handles, without waiting, the commands already queued (up to the batch size, `taken`

@@ -759,16 +759,7 @@ impl Local {
                     .time_limit_ms
                     .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
                 spec = Some(started);
-                tokio::select! {
-                    () = waiter.wait() => {}
-                    () = wake.notified() => {}
-                    () = async {
-                        match deadline {
-                            Some(d) => tokio::time::sleep_until(d).await,
-                            None => std::future::pending().await,
-                        }
-                    } => {}
-                }
+                next_change(&mut waiter, &wake, deadline).await;
                 continue;
             }
             let ended = match (known, &spec) {
@@ -802,16 +793,7 @@ impl Local {
                 break;
             }
             let deadline = next.map(instant_of);
-            tokio::select! {
-                () = waiter.wait() => {}
-                () = wake.notified() => {}
-                () = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                } => {}
-            }
+            next_change(&mut waiter, &wake, deadline).await;
         }
         self.release(&token);
         if let Some(spec) = spec {
@@ -1571,6 +1553,21 @@ fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
         None => s,
+    }
+}
+
+/// Waits until a watcher has something to look at: its waiter fires (an exit may be recorded),
+/// its wake-up is notified (a report or a cancel), or `deadline` (a time limit, a kill) passes.
+async fn next_change(waiter: &mut Waiter, wake: &Notify, deadline: Option<tokio::time::Instant>) {
+    tokio::select! {
+        () = waiter.wait() => {}
+        () = wake.notified() => {}
+        () = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        } => {}
     }
 }
 
