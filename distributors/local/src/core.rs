@@ -557,12 +557,17 @@ impl Local {
                     self.attach(token, Waiter::Poll(Duration::from_millis(20)));
                     return Ok(true);
                 }
-                if !dir.join(CLAIM).exists() {
-                    // Never claimed, so never started: it waits again, first in line.
-                    self.lock()
-                        .queue
-                        .push_front((token.clone(), Some(spec.clone())));
-                    return Ok(false);
+                match read_claim(&dir) {
+                    Ok(None) if !dir.join(CLAIM).exists() => {
+                        // Never claimed, so never started: it waits again, first in line.
+                        self.lock()
+                            .queue
+                            .push_front((token.clone(), Some(spec.clone())));
+                        return Ok(false);
+                    }
+                    // A cancel came first: it has ended the execution.
+                    Ok(Some(Claim::Cancelled)) => return Ok(false),
+                    _ => {}
                 }
                 let err = Error::transient(format!(
                     "the supervisor (pid {}) exited before starting `{program}`",
@@ -1196,8 +1201,8 @@ fn stage(staging: &Path, spec: &Spec) -> Result<()> {
 
 /// Runs in the supervisor: takes the execution's claim for its orchestrator (`start
 /// <orchestrator pid>`: the process that follows the work; a restarted orchestrator adopts work
-/// whose claim names a dead one), starts it from
-/// its `spec.json` in its own process group, and records `<its pid> <supervisor pid>` in `pid`.
+/// whose claim names a dead one), starts it from its `spec.json` in its own process group, and
+/// records `<its pid> <supervisor pid>` in `pid`.
 /// Skips it when the claim says so: cancelled, held by a live starter, or started by a dead one
 /// (adopt). Errors: an invalid token, an unreadable spec, the claim's, the spawn's (`ENOENT`,
 /// `EACCES`, `EAGAIN`…), or the `pid` record's (the work is then killed: untracked work must not
@@ -1218,8 +1223,7 @@ pub(crate) fn start_work(
     let spec = read_spec(&dir)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no spec.json"))?;
-    let me = orchestrator;
-    match claim(&dir, &Claim::Start(me))? {
+    match claim(&dir, &Claim::Start(orchestrator))? {
         None => {}
         Some(Claim::Cancelled) => return Ok(Start::Skipped(Skip::Cancelled)),
         Some(Claim::Start(owner)) => {
@@ -1232,7 +1236,7 @@ pub(crate) fn start_work(
             if read_pid(&dir, PID).is_some() {
                 return Ok(Start::Skipped(Skip::Adopt));
             }
-            write_atomic(&dir, CLAIM, Claim::Start(me).encode().as_bytes())?;
+            write_atomic(&dir, CLAIM, Claim::Start(orchestrator).encode().as_bytes())?;
         }
     }
     let child = command(&dir, &spec)?.spawn()?;
@@ -1383,6 +1387,11 @@ fn read_numbers(dir: &Path, name: &str) -> (Option<i32>, Option<i32>) {
     (it.next().flatten(), it.next().flatten())
 }
 
+/// The `claim` record, if there is a readable one.
+fn read_claim(dir: &Path) -> io::Result<Option<Claim>> {
+    Ok(read_opt(&dir.join(CLAIM))?.and_then(|s| Claim::parse(&s)))
+}
+
 fn read_stop(dir: &Path) -> Option<Stop> {
     read_opt(&dir.join(STOP))
         .ok()
@@ -1395,9 +1404,7 @@ fn read_snapshot(dir: &Path) -> Result<Option<Snapshot>> {
         return Ok(None);
     };
     let error = read_error(dir)?;
-    let claim = read_opt(&dir.join(CLAIM))
-        .map_err(|e| io_err(dir, e))?
-        .and_then(|s| Claim::parse(&s));
+    let claim = read_claim(dir).map_err(|e| io_err(dir, e))?;
     let (pid, supervisor) = read_pids(dir);
     let started_at = pid.and_then(|_| {
         fs::metadata(dir.join(PID))
@@ -1456,9 +1463,7 @@ fn ended_snapshot(
 fn claim(dir: &Path, claim: &Claim) -> io::Result<Option<Claim>> {
     match link_new(dir, CLAIM, claim.encode().as_bytes())? {
         true => Ok(None),
-        false => Ok(read_opt(&dir.join(CLAIM))?
-            .and_then(|s| Claim::parse(&s))
-            .or(Some(Claim::Cancelled))),
+        false => Ok(read_claim(dir)?.or(Some(Claim::Cancelled))),
     }
 }
 
