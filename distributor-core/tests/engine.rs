@@ -1057,6 +1057,9 @@ impl Store for FlakyStore {
     async fn meta(&self, key: &str) -> Result<Option<String>> {
         self.inner.meta(key).await
     }
+    async fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        self.inner.meta_prefix(prefix).await
+    }
     async fn deferred(&self) -> Result<Vec<(u64, DistributorName, DeferredWork)>> {
         self.inner.deferred().await
     }

@@ -512,6 +512,40 @@ impl Engine {
         self.shared.store.history(id).await
     }
 
+    /// Writes metadata entries (`(key, value)`) in one store transaction and returns once they
+    /// are durable. For embedders that keep documents of their own next to the executions (a
+    /// workflow run and its steps); keys SHOULD start with a prefix of the embedder's own
+    /// containing a `/` (the engine's keys have none).
+    ///
+    /// This goes to the store directly, not through the actor's batches: metadata has no
+    /// version and takes part in no compare-and-set, so it cannot conflict with the actor's
+    /// writes, and the caller gets its own durability point instead of waiting behind (or
+    /// holding up) group commit. Writes from one caller apply in call order; concurrent
+    /// writers to one key get last-writer-wins. Both stores serialize writes (SQLite through
+    /// its single writer connection), so this never races a batch mid-transaction.
+    ///
+    /// Errors: store errors ([`Error::Store`], transient when retrying may help).
+    pub async fn put_meta(&self, entries: Vec<(String, String)>) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let batch: Vec<Write> = entries
+            .into_iter()
+            .map(|(key, value)| Write::Meta { key, value })
+            .collect();
+        self.shared.store.apply(&batch).await
+    }
+
+    /// A committed metadata value (see [`put_meta`](Self::put_meta)).
+    pub async fn meta(&self, key: &str) -> Result<Option<String>> {
+        self.shared.store.meta(key).await
+    }
+
+    /// Committed metadata entries whose key starts with `prefix`, by ascending key.
+    pub async fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        self.shared.store.meta_prefix(prefix).await
+    }
+
     /// Waits until this execution is terminal and returns its record.
     pub async fn wait(&self, id: ExecutionId) -> Result<ExecutionRecord> {
         let (tx, rx) = oneshot::channel();

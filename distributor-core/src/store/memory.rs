@@ -14,7 +14,7 @@ use crate::types::{DeferredWork, DistributorName, ExecutionId};
 struct Inner {
     records: BTreeMap<ExecutionId, Arc<ExecutionRecord>>,
     history: HashMap<ExecutionId, Vec<HistoryEntry>>,
-    meta: HashMap<String, String>,
+    meta: BTreeMap<String, String>,
     deferred: BTreeMap<u64, (DistributorName, DeferredWork)>,
     keep_history: bool,
 }
@@ -155,6 +155,16 @@ impl Store for MemoryStore {
 
     async fn meta(&self, key: &str) -> Result<Option<String>> {
         Ok(self.lock().meta.get(key).cloned())
+    }
+
+    async fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        Ok(self
+            .lock()
+            .meta
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 
     async fn deferred(&self) -> Result<Vec<(u64, DistributorName, DeferredWork)>> {

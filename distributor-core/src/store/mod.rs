@@ -130,6 +130,11 @@ pub trait Store: Send + Sync + Debug + 'static {
     async fn max_id(&self) -> Result<u64>;
     /// A metadata value.
     async fn meta(&self, key: &str) -> Result<Option<String>>;
+    /// Every metadata entry whose key starts with `prefix` (byte-wise), as `(key, value)` by
+    /// ascending key. An empty prefix lists everything. Embedders keep their own durable
+    /// documents under a prefix of their own (workflow runs use `workflow/`); the engine's own
+    /// keys (`notify_secret`) have no `/`.
+    async fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>>;
     /// All pending deferred work: (id, instance, work).
     async fn deferred(&self) -> Result<Vec<(u64, DistributorName, DeferredWork)>>;
 }

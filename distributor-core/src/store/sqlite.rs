@@ -277,6 +277,26 @@ impl Store for SqliteStore {
             .map_err(store_err("meta"))
     }
 
+    async fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        // A range on the primary key rather than LIKE (which treats `%` and `_` in the prefix
+        // as wildcards and, case-insensitive, cannot use the index); `substr` compares bytes.
+        let rows = sqlx::query(
+            "SELECT key, value FROM meta WHERE key >= ?1 AND substr(key, 1, length(?1)) = ?1 ORDER BY key",
+        )
+        .bind(prefix)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_err("meta_prefix"))?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("key").map_err(store_err("meta_prefix"))?,
+                    r.try_get("value").map_err(store_err("meta_prefix"))?,
+                ))
+            })
+            .collect()
+    }
+
     async fn deferred(&self) -> Result<Vec<(u64, DistributorName, DeferredWork)>> {
         let rows = sqlx::query("SELECT id, distributor, work FROM deferred ORDER BY id")
             .fetch_all(&self.pool)

@@ -283,6 +283,35 @@ async fn meta_and_deferred(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(store.meta("secret").await.unwrap().as_deref(), Some("b"));
+    // Prefix listing: by ascending key, only keys with that prefix, `%` and `_` literal.
+    let kv = |k: &str, v: &str| Write::Meta {
+        key: k.into(),
+        value: v.into(),
+    };
+    store
+        .apply(&[
+            kv("wf/run/2", "two"),
+            kv("wf/run/1", "one"),
+            kv("wf/run_x", "not a run"),
+            kv("wf/runs", "not a run"),
+            kv("wf/r%n/1", "percent"),
+            kv("wg/run/3", "other prefix"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.meta_prefix("wf/run/").await.unwrap(),
+        vec![
+            ("wf/run/1".to_owned(), "one".to_owned()),
+            ("wf/run/2".to_owned(), "two".to_owned())
+        ]
+    );
+    assert_eq!(
+        store.meta_prefix("wf/r%").await.unwrap(),
+        vec![("wf/r%n/1".to_owned(), "percent".to_owned())]
+    );
+    assert!(store.meta_prefix("nothing/").await.unwrap().is_empty());
+    assert!(store.meta_prefix("").await.unwrap().len() >= 7);
     let work = DeferredWork {
         execution_id: ExecutionId(1),
         due: Timestamp(5),
