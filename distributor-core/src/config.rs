@@ -189,7 +189,7 @@ impl DistributorsConfig {
                     let mut config = fields.clone();
                     config.remove("kind");
                     let config = Value::Object(config);
-                    if let Err(v) = k.validate_config(name, &config) {
+                    if let Err(v) = k.validate_config_in(registry, name, &config) {
                         for v in v.violations {
                             problem(
                                 Some(name),

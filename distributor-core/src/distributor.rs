@@ -35,7 +35,7 @@ use url::Url;
 
 use crate::error::{Error, Result, ValidationError};
 use crate::types::{
-    Capabilities, DeferredWork, Execution, Launch, Notification, Status, TaskDescription,
+    Capabilities, DeferredWork, Execution, Launch, Notification, Status, TaskDescription, Timestamp,
 };
 
 /// An execution backend adapter. Dyn-compatible; the engine holds it as `Arc<dyn Distributor>`.
@@ -100,6 +100,35 @@ pub trait Distributor: Send + Sync + Debug + 'static {
     fn validate(&self, payload: &Value) -> Result<(), ValidationError> {
         let _ = payload;
         Ok(())
+    }
+
+    /// Completes a payload at submit, after it validated: returns the payload to store instead
+    /// (for example with a default that depends on the submit time filled in), or `None` to
+    /// keep it as it is. The engine calls it once per task, before the task is stored, so what
+    /// it returns is part of the intent log and every `run` of every attempt sees the same
+    /// value. MUST be pure and local (no I/O), and its result MUST still validate. The default
+    /// keeps the payload.
+    fn prepare(&self, payload: &Value, submitted_at: Timestamp) -> Option<Value> {
+        let _ = (payload, submitted_at);
+        None
+    }
+
+    /// Handles a runtime control request addressed to this instance (an operator setting a
+    /// switch's cutover time), through [`Engine::control`](crate::Engine::control). The request
+    /// and the answer are JSON documents whose shape each kind documents; a kind that takes
+    /// control requests MUST refuse a malformed one with a permanent error (or
+    /// [`Error::Validation`] naming the bad field by JSON Pointer), MUST make any change it
+    /// accepts durable (in [`BuildContext::state`](crate::BuildContext)) before answering `Ok`,
+    /// and SHOULD answer with its state after the request. A request that only reads MUST NOT
+    /// change anything. Transient errors mean nothing changed and the caller may repeat it.
+    ///
+    /// The default refuses with [`Error::Unsupported`] (operation `control`); the engine reports
+    /// that as "distributor `x` (kind `y`) takes no control requests".
+    async fn control(&self, request: &Value) -> Result<Value> {
+        let _ = request;
+        Err(Error::Unsupported {
+            operation: "control",
+        })
     }
 
     /// What this adapter can do. MUST be constant for the instance's lifetime.

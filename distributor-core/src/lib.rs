@@ -7,6 +7,7 @@ pub mod engine;
 mod error;
 mod registry;
 mod schema;
+mod state;
 pub mod store;
 mod types;
 
@@ -26,6 +27,7 @@ pub use registry::{
     BuildContext, DeferredQueue, Instance, Kind, KindConfig, Notifier, Registration, Registry,
 };
 pub use schema::SchemaValidator;
+pub use state::InstanceState;
 pub use types::*;
 
 /// Re-exports adapter crates need in their registration and derive code.

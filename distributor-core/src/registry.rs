@@ -32,6 +32,7 @@ use crate::config::{ConfigHash, DistributorsConfig};
 use crate::distributor::Distributor;
 use crate::error::{Error, Result, ValidationError, nearest};
 use crate::schema::SchemaValidator;
+use crate::state::InstanceState;
 use crate::types::{DeferredWork, DistributorName, ExecutionId, KindName, Notification};
 
 /// A kind's config type. Implement it on the config struct of an adapter crate.
@@ -52,6 +53,17 @@ pub trait KindConfig: DeserializeOwned + Serialize + JsonSchema + Send + Sync + 
     /// Errors: a permanent error means the config cannot work (the engine refuses to start with
     /// it); a transient one means the backend is unreachable right now (the engine retries).
     async fn build(self, ctx: BuildContext) -> Result<Arc<dyn Distributor>>;
+
+    /// Checks of a config document beyond its JSON Schema that need the registry: a kind whose
+    /// config embeds other kinds' configs (a switch between two distributors) validates them
+    /// here against their own kinds, naming each problem by a JSON Pointer into *this* document
+    /// (`/before/url`). Runs at load ([`DistributorsConfig`] and
+    /// [`Kind::validate_config_in`]), after the schema check passed, before any factory. It MUST
+    /// NOT do I/O. The default accepts everything the schema accepts.
+    fn validate_config(config: &Value, registry: &Registry) -> Result<(), ValidationError> {
+        let _ = (config, registry);
+        Ok(())
+    }
 }
 
 /// What a factory receives besides its config.
@@ -66,16 +78,49 @@ pub struct BuildContext {
     /// this process: local supervisors, an embedded jobs server). Pushes MUST carry the
     /// execution's `auth_token` attribute; the engine authenticates them like any other.
     pub notifier: Notifier,
+    /// The instance's durable values in the engine's store (see [`InstanceState`]); in memory
+    /// for a [`detached`](Self::detached) context.
+    pub state: InstanceState,
+    /// The registry the instance is built from, for kinds that build other kinds' instances
+    /// inside themselves (see [`BuildContext::child`]).
+    pub registry: Registry,
 }
 
 impl BuildContext {
     /// A context for building an instance outside an engine (tests, tools): deferred work is
     /// dropped.
     pub fn detached(name: impl Into<DistributorName>) -> Self {
+        let name = name.into();
+        let name_for_state = name.to_string();
         Self {
-            name: name.into(),
+            name,
             deferred: DeferredQueue::detached(),
             notifier: Notifier::detached(),
+            state: InstanceState::in_memory(&name_for_state),
+            registry: Registry::new(),
+        }
+    }
+
+    /// A detached context whose registry is `registry` (tools and tests that build a kind
+    /// which builds other kinds inside itself).
+    pub fn detached_with(name: impl Into<DistributorName>, registry: Registry) -> Self {
+        Self {
+            registry,
+            ..Self::detached(name)
+        }
+    }
+
+    /// The context for an instance built inside this one under `scope` (a switch's `before`
+    /// side): the same deferred queue, notifier and registry (deferred work and pushes are
+    /// attributed to this instance, which routes them), the name `<name>/<scope>`, and the
+    /// state scoped under `<scope>/`.
+    pub fn child(&self, scope: &str) -> Self {
+        Self {
+            name: DistributorName::new(format!("{}/{scope}", self.name)),
+            deferred: self.deferred.clone(),
+            notifier: self.notifier.clone(),
+            state: self.state.scoped(scope),
+            registry: self.registry.clone(),
         }
     }
 }
@@ -181,6 +226,7 @@ pub struct Registration {
     config_schema: fn() -> SchemaValidator,
     payload_schema: fn() -> SchemaValidator,
     factory: Factory,
+    check: fn(&Value, &Registry) -> Result<(), ValidationError>,
 }
 
 inventory::collect!(Registration);
@@ -201,6 +247,7 @@ impl Registration {
             config_schema: SchemaValidator::of::<C>,
             payload_schema: SchemaValidator::of::<C::Payload>,
             factory: factory::<C>,
+            check: C::validate_config,
         }
     }
 
@@ -245,6 +292,23 @@ impl Kind {
     /// Checks a config document (without `kind`) against the kind's config schema.
     pub fn validate_config(&self, subject: &str, config: &Value) -> Result<(), ValidationError> {
         self.config_schema.validate(subject, config)
+    }
+    /// Checks a config document (without `kind`) against the kind's config schema and then its
+    /// [`KindConfig::validate_config`] checks, which may look up other kinds in `registry`.
+    /// What [`DistributorsConfig`] runs at load.
+    pub fn validate_config_in(
+        &self,
+        registry: &Registry,
+        subject: &str,
+        config: &Value,
+    ) -> Result<(), ValidationError> {
+        self.config_schema.validate(subject, config)?;
+        (self.registration.check)(config, registry).map_err(|mut e| {
+            if e.subject.is_empty() {
+                e.subject = subject.to_owned();
+            }
+            e
+        })
     }
     /// Checks a payload against the kind's payload schema.
     pub fn validate_payload(&self, payload: &Value) -> Result<(), ValidationError> {
@@ -391,6 +455,21 @@ impl Registry {
         deferred: impl Fn(&DistributorName) -> DeferredQueue,
         notifier: &Notifier,
     ) -> Result<BTreeMap<DistributorName, Instance>> {
+        self.build_all_with(config, deferred, notifier, |n| {
+            InstanceState::in_memory(n.as_str())
+        })
+        .await
+    }
+
+    /// As [`build_all`](Self::build_all), with each instance's durable state from `state` (the
+    /// engine passes handles into its store).
+    pub async fn build_all_with(
+        &self,
+        config: &DistributorsConfig,
+        deferred: impl Fn(&DistributorName) -> DeferredQueue,
+        notifier: &Notifier,
+        state: impl Fn(&DistributorName) -> InstanceState,
+    ) -> Result<BTreeMap<DistributorName, Instance>> {
         let mut out = BTreeMap::new();
         for (name, inst) in config.instances() {
             let kind = self.kind(inst.kind.as_str())?;
@@ -398,6 +477,8 @@ impl Registry {
                 name: name.clone(),
                 deferred: deferred(name),
                 notifier: notifier.clone(),
+                state: state(name),
+                registry: self.clone(),
             };
             out.insert(
                 name.clone(),

@@ -274,6 +274,11 @@ impl Actor {
             name: rec.distributor.clone(),
             deferred: DeferredQueue::new(rec.distributor.clone(), self.deferred_tx.clone()),
             notifier: self.notifier.clone(),
+            state: crate::state::InstanceState::in_store(
+                self.store.clone(),
+                rec.distributor.as_str(),
+            ),
+            registry: self.registry.clone(),
         };
         kind.build((*rec.config).clone(), ctx, rec.config_hash.clone())
             .await

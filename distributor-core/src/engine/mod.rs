@@ -46,6 +46,7 @@ pub use state::{Actor, CancelCause, ExecutionRecord, HistoryEntry, RetryPolicy, 
 use crate::config::DistributorsConfig;
 use crate::error::{Error, NotificationRejection, Result, nearest};
 use crate::registry::{DeferredQueue, Instance, Notifier, Registry};
+use crate::state::InstanceState;
 use crate::store::{ListFilter, MemoryStore, Store, Write};
 use crate::types::{DistributorName, ExecutionId, Notification, Outcome, TaskId, Token};
 use auth::Auth;
@@ -353,10 +354,11 @@ impl EngineBuilder {
         let dtx = deferred_tx.clone();
         let catalog = self
             .registry
-            .build_all(
+            .build_all_with(
                 &self.config,
                 |n| DeferredQueue::new(n.clone(), dtx.clone()),
                 &notifier,
+                |n| InstanceState::in_store(store.clone(), n.as_str()),
             )
             .await?;
         let (events, _) = broadcast::channel(self.settings.event_capacity.max(16));
@@ -453,9 +455,14 @@ impl Engine {
     /// Errors: as [`submit`](Self::submit), for the first task that fails.
     pub async fn submit_many(&self, tasks: Vec<Task>) -> Result<Vec<ExecutionId>> {
         let mut batch = Vec::with_capacity(tasks.len());
-        for task in tasks {
+        let now = self.shared.clock.now();
+        for mut task in tasks {
             let instance = self.instance(task.distributor.as_str())?;
-            instance.validate(&task.payload.to_value())?;
+            let payload = task.payload.to_value();
+            instance.validate(&payload)?;
+            if let Some(prepared) = instance.distributor().prepare(&payload, now) {
+                task.payload = crate::types::Payload::new(&prepared);
+            }
             batch.push((task, instance));
         }
         metrics::counter!("distributor_submitted_total").increment(batch.len() as u64);
@@ -577,6 +584,30 @@ impl Engine {
         self.call(|r| Cmd::Cancel(id, reason, r)).await
     }
 
+    /// Sends a runtime control request to the distributor instance `name` (following aliases)
+    /// and returns its answer; see [`Distributor::control`](crate::Distributor::control) for the
+    /// contract. Control requests go to the instance new executions use; instances rebuilt
+    /// from a config snapshot for executions in flight share its durable state.
+    ///
+    /// Errors: [`Error::UnknownDistributor`]; a permanent error naming the distributor and its
+    /// kind if the kind takes no control requests; otherwise the adapter's error.
+    pub async fn control(
+        &self,
+        name: &str,
+        request: &serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        let instance = self.instance(name)?;
+        match instance.distributor().control(request).await {
+            Err(Error::Unsupported {
+                operation: "control",
+            }) => Err(Error::permanent(format!(
+                "distributor `{name}` (kind `{}`) takes no control requests",
+                instance.kind().name()
+            ))),
+            other => other,
+        }
+    }
+
     /// Polls the backend for this execution now.
     pub async fn poke(&self, id: ExecutionId) -> Result<()> {
         self.call(|r| Cmd::Poke(id, r)).await
@@ -598,13 +629,15 @@ impl Engine {
     /// Errors: a factory's error; then nothing changes.
     pub async fn reload_config(&self, config: DistributorsConfig) -> Result<()> {
         let dtx = self.shared.deferred_tx.clone();
+        let store = self.shared.store.clone();
         let catalog = self
             .shared
             .registry
-            .build_all(
+            .build_all_with(
                 &config,
                 |n| DeferredQueue::new(n.clone(), dtx.clone()),
                 &self.shared.notifier,
+                |n| InstanceState::in_store(store.clone(), n.as_str()),
             )
             .await?;
         self.call(|r| Cmd::Reload(catalog.clone(), r)).await?;

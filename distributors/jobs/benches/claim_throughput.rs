@@ -92,6 +92,7 @@ async fn bench(n: usize, workers: usize) {
         name: DistributorName::new("bench"),
         deferred: DeferredQueue::detached(),
         notifier: Notifier::new(tx),
+        ..BuildContext::detached("bench")
     };
     let server = JobsServer::start(config, ctx).await.expect("server");
 

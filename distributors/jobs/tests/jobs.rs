@@ -51,6 +51,7 @@ async fn start(config: JobsConfig) -> Harness {
         name: DistributorName::new("jobs"),
         deferred: DeferredQueue::detached(),
         notifier: Notifier::new(tx),
+        ..BuildContext::detached("jobs")
     };
     let server = JobsServer::start(config.clone(), ctx).await.unwrap();
     Harness {

@@ -16,6 +16,7 @@ use super::Shared;
 use crate::distributor::Distributor;
 use crate::error::Result as CoreResult;
 use crate::registry::{BuildContext, DeferredQueue, Instance, Notifier};
+use crate::state::InstanceState;
 use crate::types::{
     AdapterHandle, Attempt, AuthToken, Capabilities, DeferredWork, DistributorName, Execution,
     ExecutionId, Notification, NotificationRoute, Outcome, RequestId, Status, TaskDescription,
@@ -33,6 +34,9 @@ pub(super) struct Harness {
     /// `None` only between dropping the old instance and building the new one in `restart`.
     instance: Mutex<Option<Instance>>,
     pushes: tokio::sync::Mutex<Pushes>,
+    /// The instance's durable state, kept across [`restart`](Self::restart) as an engine's store
+    /// would keep it.
+    state: InstanceState,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -51,15 +55,20 @@ fn next_execution_id() -> ExecutionId {
 impl Harness {
     /// Builds an instance of the kind under test on the current runtime.
     pub(super) async fn build(shared: Arc<Shared>) -> Result<Self, String> {
-        let (instance, pushes) = Self::build_instance(&shared).await?;
+        let state = InstanceState::in_memory("conformance");
+        let (instance, pushes) = Self::build_instance(&shared, &state).await?;
         Ok(Self {
             shared,
             instance: Mutex::new(Some(instance)),
             pushes: tokio::sync::Mutex::new(pushes),
+            state,
         })
     }
 
-    async fn build_instance(shared: &Shared) -> Result<(Instance, Pushes), String> {
+    async fn build_instance(
+        shared: &Shared,
+        state: &InstanceState,
+    ) -> Result<(Instance, Pushes), String> {
         let name = DistributorName::new("conformance");
         let (push_tx, push_rx) = mpsc::unbounded_channel();
         let (deferred_tx, deferred_rx) = mpsc::unbounded_channel();
@@ -67,6 +76,8 @@ impl Harness {
             name: name.clone(),
             deferred: DeferredQueue::new(name, deferred_tx),
             notifier: Notifier::new(push_tx.clone()),
+            state: state.clone(),
+            registry: shared.registry.clone(),
         };
         let kind = shared
             .kind
@@ -94,7 +105,7 @@ impl Harness {
         let old = lock(&self.instance).take();
         drop(old);
         tokio::task::yield_now().await;
-        let (instance, pushes) = Self::build_instance(&self.shared)
+        let (instance, pushes) = Self::build_instance(&self.shared, &self.state)
             .await
             .map_err(|e| format!("after a restart: {e}"))?;
         *lock(&self.instance) = Some(instance);

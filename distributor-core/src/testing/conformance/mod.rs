@@ -128,6 +128,7 @@ type CountStarts = Arc<dyn Fn(RequestId) -> BoxFuture<'static, usize> + Send + S
 pub struct Suite {
     kind_name: &'static str,
     kind: Result<Kind, String>,
+    registry: Result<Registry, String>,
     config: Value,
     config_error: Option<String>,
     payloads: Option<Payloads>,
@@ -156,20 +157,17 @@ impl Suite {
     /// The config is checked against `C`'s schema here; if it does not conform, every trial
     /// fails with the violations (unless the suite is [`unreachable`](Self::unreachable)).
     pub fn new<C: KindConfig>(config: Value) -> Self {
-        let kind = Registry::new()
-            .register::<C>()
-            .and_then(|r| r.kind(C::KIND).cloned())
-            .map_err(|e| e.to_string());
-        let config_error = kind.as_ref().ok().and_then(|k| {
-            k.validate_config(&format!("config of kind `{}`", C::KIND), &config)
-                .err()
-                .map(|e| e.to_string())
-        });
+        let registry = Registry::new().register::<C>().map_err(|e| e.to_string());
+        let kind = registry
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|r| r.kind(C::KIND).cloned().map_err(|e| e.to_string()));
         Self {
             kind_name: C::KIND,
             kind,
+            registry,
             config,
-            config_error,
+            config_error: None,
             payloads: None,
             unreachable: None,
             timeout: Duration::from_secs(60),
@@ -178,6 +176,16 @@ impl Suite {
             count_starts: None,
             test_threads: None,
         }
+    }
+
+    /// Also registers kind `K`, for a kind under test that builds instances of other kinds
+    /// inside itself (from [`BuildContext::registry`](crate::BuildContext)); the config is
+    /// validated against the kind under test with every registered kind known.
+    pub fn with_kind<K: KindConfig>(mut self) -> Self {
+        self.registry = self
+            .registry
+            .and_then(|r| r.register::<K>().map_err(|e| e.to_string()));
+        self
     }
 
     /// The payloads to run. Required: without them every trial fails saying so.
@@ -276,9 +284,23 @@ impl Suite {
             .collect()
     }
 
-    fn into_shared(self) -> Arc<Shared> {
+    fn into_shared(mut self) -> Arc<Shared> {
+        if let (Ok(k), Ok(r)) = (&self.kind, &self.registry) {
+            self.config_error = k
+                .validate_config_in(
+                    r,
+                    &format!("config of kind `{}`", self.kind_name),
+                    &self.config,
+                )
+                .err()
+                .map(|e| e.to_string());
+        }
         let broken = match (&self.kind, &self.config_error, &self.payloads) {
             (Err(e), _, _) => Some(format!("the kind cannot be registered: {e}")),
+            (Ok(_), _, _) if self.registry.is_err() => Some(format!(
+                "a kind cannot be registered: {}",
+                self.registry.as_ref().err().cloned().unwrap_or_default()
+            )),
             (Ok(_), Some(e), _) => Some(e.clone()),
             (Ok(_), None, None) => Some("no payloads: call Suite::payloads".to_owned()),
             _ => None,
@@ -286,6 +308,7 @@ impl Suite {
         Arc::new(Shared {
             hash: ConfigHash::of(self.kind_name, &self.config),
             kind: self.kind.ok(),
+            registry: self.registry.unwrap_or_default(),
             config: self.config,
             payloads: self.payloads.unwrap_or(Payloads {
                 succeeds: Value::Null,
@@ -330,6 +353,8 @@ fn trial_name(kind: &str, case: &Case) -> String {
 struct Shared {
     /// `None` only if registration failed, and then `broken` says why.
     kind: Option<Kind>,
+    /// Every kind registered for the suite (the one under test and [`Suite::with_kind`]'s).
+    registry: Registry,
     config: Value,
     hash: ConfigHash,
     payloads: Payloads,
