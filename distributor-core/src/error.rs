@@ -47,7 +47,7 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// No adapter is registered for this kind.
-    #[error("unknown kind `{kind}`{}; known kinds: {}", did_you_mean(.suggestion), list(.known))]
+    #[error("unknown kind `{kind}`{}; known kinds: {}{}", did_you_mean(.suggestion), list(.known), link_hint(.suggestion))]
     UnknownKind {
         /// The kind asked for.
         kind: String,
@@ -177,6 +177,17 @@ fn did_you_mean(s: &Option<String>) -> String {
     s.as_ref()
         .map(|s| format!(" (did you mean `{s}`?)"))
         .unwrap_or_default()
+}
+
+/// When no known kind is near, the likely cause: the adapter crate is a dependency but was
+/// never named, so the linker dropped its registration.
+fn link_hint(suggestion: &Option<String>) -> &'static str {
+    if suggestion.is_some() {
+        return "";
+    }
+    " (if an adapter crate of this kind is a dependency, name it where the registry is built, \
+     e.g. `use distributor_local as _;`: a crate nothing names is not linked and its \
+     `inventory::submit!` registration is dropped)"
 }
 
 fn list<T: fmt::Display>(items: &[T]) -> String {
@@ -325,6 +336,24 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "unknown kind `slrum` (did you mean `slurm`?); known kinds: `local`, `slurm`"
+        );
+    }
+
+    #[test]
+    fn unknown_kind_without_a_near_one_hints_at_the_force_link_line() {
+        let e = Error::UnknownKind {
+            kind: "webhook".into(),
+            known: vec![],
+            suggestion: None,
+        };
+        let text = e.to_string();
+        assert!(
+            text.starts_with("unknown kind `webhook`; known kinds: none"),
+            "{text}"
+        );
+        assert!(
+            text.contains("as _;") && text.contains("not linked"),
+            "{text}"
         );
     }
 

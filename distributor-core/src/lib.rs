@@ -5,8 +5,10 @@ mod config;
 mod distributor;
 pub mod engine;
 mod error;
+pub mod push;
 mod registry;
 mod schema;
+mod secret;
 mod state;
 pub mod store;
 mod types;
@@ -27,6 +29,7 @@ pub use registry::{
     BuildContext, DeferredQueue, Instance, Kind, KindConfig, Notifier, Registration, Registry,
 };
 pub use schema::SchemaValidator;
+pub use secret::Secret;
 pub use state::InstanceState;
 pub use types::*;
 

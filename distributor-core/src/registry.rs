@@ -217,7 +217,9 @@ impl DeferredQueue {
     }
 }
 
-type Factory = fn(Value, BuildContext) -> BoxFuture<'static, Result<Arc<dyn Distributor>>>;
+/// Builds an instance; returns it with the config as the snapshot stores it (deserialized into
+/// the kind's type and serialized again, so [`Secret`](crate::Secret) literals are redacted).
+type Factory = fn(Value, BuildContext) -> BoxFuture<'static, Result<(Arc<dyn Distributor>, Value)>>;
 
 /// One kind's entry: what `inventory::submit!` carries. Build it with [`Registration::of`].
 #[derive(Clone, Copy)]
@@ -260,12 +262,49 @@ impl Registration {
 fn factory<C: KindConfig>(
     config: Value,
     ctx: BuildContext,
-) -> BoxFuture<'static, Result<Arc<dyn Distributor>>> {
+) -> BoxFuture<'static, Result<(Arc<dyn Distributor>, Value)>> {
     Box::pin(async move {
-        let config: C = serde_json::from_value(config)
-            .map_err(|e| Error::permanent(format!("config of distributor `{}`: {e}", ctx.name)))?;
-        config.build(ctx).await
+        let name = ctx.name.clone();
+        let config: C = serde_json::from_value(config).map_err(|e| {
+            Error::permanent(format!(
+                "config of distributor `{name}` (kind `{}`): {e}",
+                C::KIND
+            ))
+        })?;
+        let snapshot = serde_json::to_value(&config).map_err(|e| {
+            Error::permanent(format!(
+                "config of distributor `{name}` (kind `{}`) cannot be serialized for its \
+                 snapshot: {e}",
+                C::KIND
+            ))
+        })?;
+        let built = config
+            .build(ctx)
+            .await
+            .map_err(|e| in_instance(e, &name, C::KIND))?;
+        Ok((built, snapshot))
     })
+}
+
+/// Prefixes a factory's error with the instance it was building (`distributor `hpc` (kind
+/// `slurm`): …`), keeping whether it is transient.
+fn in_instance(e: Error, name: &DistributorName, kind: &str) -> Error {
+    let prefix = format!("distributor `{name}` (kind `{kind}`)");
+    match e {
+        Error::Transient { message, source } => Error::Transient {
+            message: format!("{prefix}: {message}"),
+            source,
+        },
+        Error::Permanent { message, source } => Error::Permanent {
+            message: format!("{prefix}: {message}"),
+            source,
+        },
+        Error::Validation(mut v) => {
+            v.subject = format!("{prefix}: {}", v.subject);
+            Error::Validation(v)
+        }
+        other => other,
+    }
 }
 
 /// A registered kind with its compiled schemas.
@@ -318,6 +357,11 @@ impl Kind {
         )
     }
     /// Builds an instance from a config that passed [`validate_config`](Self::validate_config).
+    ///
+    /// The instance keeps the config as deserialized into the kind's type and serialized again
+    /// (defaults filled in, [`Secret`](crate::Secret) literals redacted): that is what
+    /// [`Instance::config`] returns and what execution records store as their snapshot.
+    /// Errors from the factory name the instance and the kind.
     pub async fn build(
         &self,
         config: Value,
@@ -325,11 +369,11 @@ impl Kind {
         hash: ConfigHash,
     ) -> Result<Instance> {
         let name = ctx.name.clone();
-        let distributor = (self.registration.factory)(config.clone(), ctx).await?;
+        let (distributor, snapshot) = (self.registration.factory)(config, ctx).await?;
         let inner = InstanceInner {
             name,
             kind: self.clone(),
-            config: Arc::new(config),
+            config: Arc::new(snapshot),
             hash,
             distributor,
         };
@@ -363,7 +407,8 @@ impl Instance {
     pub fn kind(&self) -> &Kind {
         &self.inner.kind
     }
-    /// The config it was built from.
+    /// The config it was built from, as its snapshot stores it (secret literals redacted; see
+    /// [`Kind::build`]).
     pub fn config(&self) -> &Value {
         &self.inner.config
     }
