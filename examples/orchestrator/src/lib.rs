@@ -15,6 +15,9 @@ mod page;
 pub mod run;
 pub mod serve;
 pub mod taskfile;
+pub mod workflow;
+pub mod workflow_http;
+mod workflow_page;
 
 pub use config::{OrchestratorConfig, StoreLocation, registry};
 pub use run::{Progress, RunReport, TaskResult, run};

@@ -111,6 +111,11 @@ enum Cmd {
         /// The file.
         file: PathBuf,
     },
+    /// Workflows: run a workflow file and follow it, check one, print the schema.
+    Workflow {
+        #[command(subcommand)]
+        cmd: orchestrator::workflow::WorkflowCmd,
+    },
     /// List the registered kinds and their payload fields.
     Kinds {
         /// Print the full config and payload JSON Schemas.
@@ -159,6 +164,9 @@ async fn main_async(cli: Cli) -> CmdResult {
         Cmd::Serve { listen } => serve(&registry, cli.config.as_deref(), &listen).await,
         Cmd::Validate { file } => validate(&registry, cli.config.as_deref(), &file).await,
         Cmd::Kinds { json } => kinds(&registry, json),
+        Cmd::Workflow { cmd } => {
+            orchestrator::workflow::main(&registry, cli.config.as_deref(), cmd).await
+        }
         Cmd::Submit {
             file,
             distributor,

@@ -12,6 +12,7 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /healthz` | liveness (the store answers) |
 //! | `GET /` | an HTML status page |
+//! | `/v1/workflows/…`, `GET /workflows` | workflow runs: API and pages ([`crate::workflow_http`]) |
 //!
 //! Errors are JSON ([`ErrorResponse`]) naming the field at fault: malformed bodies 400,
 //! invalid payloads 422 with every violation, unknown ids 404, pushes without a token 401 and with
@@ -67,6 +68,7 @@ pub fn prometheus() -> PrometheusHandle {
 
 /// The API router over `engine`.
 pub fn router(engine: Engine) -> Router {
+    let workflows = crate::workflow_http::routes(engine.clone());
     let state = AppState {
         engine,
         metrics: prometheus(),
@@ -83,6 +85,7 @@ pub fn router(engine: Engine) -> Router {
         .route("/v1/notify", post(notify))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .with_state(state)
+        .merge(workflows)
 }
 
 /// Serves `router(engine)` on `listener` until `shutdown` completes, then stops the engine
