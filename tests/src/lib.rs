@@ -7,3 +7,4 @@
 use distributor_jobs as _;
 use distributor_local as _;
 use distributor_slurm as _;
+use distributor_swarming as _;
