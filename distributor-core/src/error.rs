@@ -157,6 +157,9 @@ pub enum NotificationRejection {
     Terminal,
     /// Its sequence is not newer than the last accepted one, or its message id was seen.
     Stale,
+    /// Its sequence jumps more than [`MAX_SEQUENCE_JUMP`](crate::MAX_SEQUENCE_JUMP) past the
+    /// last accepted one (accepting it would make every later genuine update look stale).
+    SequenceJump,
 }
 
 impl fmt::Display for NotificationRejection {
@@ -169,6 +172,7 @@ impl fmt::Display for NotificationRejection {
             Self::UnknownExecution => "unknown execution",
             Self::Terminal => "execution already finished",
             Self::Stale => "stale or duplicate update",
+            Self::SequenceJump => "update sequence jumps too far past the last accepted one",
         })
     }
 }

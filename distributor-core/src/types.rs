@@ -180,6 +180,11 @@ pub struct Deadlines {
 /// Free-form labels an orchestrator attaches to a task (for listing and for the backend).
 pub type Labels = BTreeMap<String, String>;
 
+/// How far past the last accepted sequence a push's [`Notification::sequence`] may jump
+/// (2^32). A larger jump is refused ([`NotificationRejection::SequenceJump`](crate::NotificationRejection::SequenceJump)):
+/// accepting `u64::MAX` once would make every later genuine update stale.
+pub const MAX_SEQUENCE_JUMP: u64 = 1 << 32;
+
 /// Where an adapter's backend should push notifications for one execution, and the secret the
 /// push must carry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -525,7 +530,9 @@ pub struct Notification {
     #[serde(default)]
     pub message_id: Option<String>,
     /// The sender's update sequence for this execution; pushes whose sequence is not greater
-    /// than the last one accepted are dropped, so a late push can never regress a state.
+    /// than the last one accepted are dropped, so a late push can never regress a state. A
+    /// sequence more than [`MAX_SEQUENCE_JUMP`](crate::MAX_SEQUENCE_JUMP) past the last one
+    /// accepted (0 before the first) is refused: senders MUST count up in small steps.
     #[serde(default)]
     pub sequence: Option<u64>,
 }

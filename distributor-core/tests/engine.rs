@@ -280,6 +280,47 @@ async fn late_stale_and_replayed_pushes_are_rejected_and_change_nothing() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_huge_sequence_is_refused_and_does_not_poison_later_pushes() {
+    let (e, fake, _) = engine("seqjump").await;
+    let id = e.submit(task("fake", json!({"hang": true}))).await.unwrap();
+    until("the running push", || async {
+        e.get(id).await.unwrap().state == State::Running
+    })
+    .await;
+    let running = fake
+        .pushes()
+        .into_iter()
+        .find(|(x, _)| *x == id)
+        .map(|(_, n)| n)
+        .unwrap();
+    let with_seq = |seq: u64, msg: &str| {
+        let mut n = running.clone();
+        n.sequence = Some(seq);
+        n.message_id = Some(msg.into());
+        n
+    };
+    let err = e.notify(id, with_seq(u64::MAX, "huge")).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::NotificationRejected(NotificationRejection::SequenceJump)
+        ),
+        "{err}"
+    );
+    // The next genuine update (a small step past the last accepted one) is still accepted.
+    e.notify(id, with_seq(5, "next")).await.unwrap();
+    let err = e.notify(id, with_seq(4, "older")).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::NotificationRejected(NotificationRejection::Stale)
+        ),
+        "{err}"
+    );
+    e.cancel(id, "end of test").await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn forged_expired_and_misdirected_tokens_are_rejected() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let settings = Settings {

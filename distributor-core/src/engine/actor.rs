@@ -768,6 +768,11 @@ impl Actor {
         {
             return Err(NotificationRejection::Stale);
         }
+        if n.sequence
+            .is_some_and(|s| s - rec.last_sequence > crate::MAX_SEQUENCE_JUMP)
+        {
+            return Err(NotificationRejection::SequenceJump);
+        }
         // Recorded in memory at once (a later stale or duplicate push is refused from now on)
         // but not written on its own: it is persisted with the transition the push causes, in
         // the same commit. A push that changes nothing costs no write; if the engine dies

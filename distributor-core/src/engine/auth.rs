@@ -2,6 +2,11 @@
 //!
 //! Format: `v1.<execution id>.<expiry ms>.<hex mac>`. Verification recomputes the MAC and
 //! compares in constant time, so a forged token is indistinguishable from a wrong one by timing.
+//!
+//! Scope: a token speaks for the one execution whose id it signs, until its expiry; it cannot
+//! be used for another execution (that is [`NotificationRejection::WrongExecution`]). Parsing
+//! is strict: one spelling per token (`v1`, decimal id and expiry without sign or leading
+//! zeros, 64 lowercase hex digits of MAC), so that no two strings are the same token.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -55,6 +60,10 @@ impl Auth {
         let (Some(mac_hex), Some(body)) = (parts.next(), parts.next()) else {
             return Err(NotificationRejection::Forged);
         };
+        let lower_hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if mac_hex.len() != 64 || !lower_hex(mac_hex) {
+            return Err(NotificationRejection::Forged);
+        }
         let Ok(mac) = hex::decode(mac_hex) else {
             return Err(NotificationRejection::Forged);
         };
@@ -67,6 +76,11 @@ impl Auth {
         else {
             return Err(NotificationRejection::Forged);
         };
+        let canonical =
+            |s: &str| s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
+        if !(canonical(tid) && canonical(exp)) {
+            return Err(NotificationRejection::Forged);
+        }
         let (Ok(tid), Ok(exp)) = (tid.parse::<u64>(), exp.parse::<i64>()) else {
             return Err(NotificationRejection::Forged);
         };
@@ -107,6 +121,23 @@ mod tests {
             a.verify(&tampered, ExecutionId(8), Timestamp(0)),
             Err(NotificationRejection::Forged)
         );
+        // Other spellings of the same token: uppercase MAC, leading zeros, a sign.
+        let (body, mac) = t.0.rsplit_once('.').unwrap();
+        let re_mac = |b: &str| format!("{b}.{}", hex::encode(a.mac(b).finalize().into_bytes()));
+        for other in [
+            format!("{body}.{}", mac.to_uppercase()),
+            re_mac("v1.07.1000"),
+            re_mac("v1.+7.1000"),
+            re_mac("v1.7.01000"),
+            re_mac("v1.7.+1000"),
+        ] {
+            assert_ne!(other, t.0);
+            assert_eq!(
+                a.verify(&other, ExecutionId(7), Timestamp(0)),
+                Err(NotificationRejection::Forged),
+                "{other}"
+            );
+        }
         for garbage in ["", ".", "v1", "v1.7.1000.zz", "a.b.c.d.e"] {
             assert_eq!(
                 a.verify(garbage, ExecutionId(7), Timestamp(0)),

@@ -157,15 +157,21 @@ pub struct ErrorResponse {
 /// What went wrong, and where.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    /// A stable machine-readable code (`invalid_request`, `invalid_payload`, `not_found`,
-    /// `unauthorized`, `forbidden`, `unavailable`, `internal`).
+    /// A stable machine-readable code: `invalid_request` (400), `invalid_payload` and
+    /// `unknown_distributor` (422), `not_found` (404), `method_not_allowed` (405),
+    /// `request_timeout` (408), `payload_too_large` (413), `unsupported_media_type` (415),
+    /// `unauthorized` (401), `forbidden`, `forbidden_host`, `cross_origin` (403),
+    /// `unavailable` (503), `internal` (500).
     pub code: String,
     /// What went wrong, in words.
     pub message: String,
-    /// The request field at fault, as a JSON Pointer into the body (or a query/path parameter
-    /// name), when one is.
+    /// The body field at fault, as a JSON Pointer (RFC 6901: `""` for the whole body, else
+    /// starting with `/`), when one is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// The query or path parameter at fault (`state`, `id`), when one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameter: Option<String>,
     /// Every payload violation (for `invalid_payload`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub violations: Vec<Violation>,

@@ -40,6 +40,9 @@ fn describe(b: &ErrorBody) -> String {
     if let Some(f) = &b.field {
         s.push_str(&format!(" [field {f}]"));
     }
+    if let Some(p) = &b.parameter {
+        s.push_str(&format!(" [parameter {p}]"));
+    }
     s
 }
 
@@ -48,6 +51,7 @@ fn describe(b: &ErrorBody) -> String {
 pub struct Client {
     base: Url,
     http: reqwest::Client,
+    token: Option<String>,
 }
 
 impl Client {
@@ -59,7 +63,14 @@ impl Client {
         Ok(Self {
             base,
             http: reqwest::Client::new(),
+            token: None,
         })
+    }
+
+    /// Sends `token` as `Authorization: Bearer` with every call.
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
     }
 
     fn url(&self, path: &str) -> Result<Url, ClientError> {
@@ -85,6 +96,9 @@ impl Client {
             source,
         };
         let mut req = self.http.request(method, url.clone());
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
         if let Some(b) = body {
             req = req.json(b);
         }
@@ -100,6 +114,7 @@ impl Client {
                 code: "http".into(),
                 message: text,
                 field: None,
+                parameter: None,
                 violations: Vec::new(),
             });
         Err(ClientError::Api {
@@ -160,6 +175,7 @@ impl Client {
                 code: "bad_response".into(),
                 message: e.to_string(),
                 field: None,
+                parameter: None,
                 violations: Vec::new(),
             },
         })

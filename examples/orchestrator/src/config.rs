@@ -11,12 +11,22 @@
 //!
 //! [store]                     # optional
 //! path = ".distributor/engine.db"   # SQLite file; ":memory:" keeps nothing
+//!
+//! [server]                    # optional; `orchestrator serve` only (see [`ServerConfig`])
+//! allowed_hosts = ["orchestrator.internal"]
+//! [[server.tokens]]
+//! token_file = "/etc/orchestrator/ci-token"
+//! scopes = ["submit", "read"]
 //! ```
 //!
 //! Without a file (or without a `[distributors]` table) the orchestrator configures one
 //! distributor, `local`, keeping its state under `.distributor/local`; the store defaults to
-//! `.distributor/engine.db`. Engine settings start from [`default_settings`]. Every problem in a file is reported at once, each with the JSON
-//! Pointer of the value at fault.
+//! `.distributor/engine.db`. Engine settings start from [`default_settings`]. Every problem in a
+//! file is reported at once, each with the JSON Pointer of the value at fault.
+//!
+//! The state directory (the SQLite file's directory, default `.distributor/`) is created with
+//! mode 0700 and the database file with 0600: it holds the notification secret and every
+//! payload. A database file that other users can read is refused (see [`OrchestratorConfig::open_store`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,6 +36,8 @@ use distributor_core::{
     ConfigError, ConfigProblem, DistributorsConfig, Engine, Error, Registry, Settings, nearest,
 };
 use serde_json::{Map, Value, json};
+
+use serde::Deserialize;
 
 use crate::duration::HumanDuration;
 
@@ -47,10 +59,16 @@ pub struct OrchestratorConfig {
     pub settings: Settings,
     /// The store.
     pub store: StoreLocation,
+    /// The HTTP server's security and limits (`[server]`).
+    pub server: ServerConfig,
 }
 
 /// The default store file.
 pub const DEFAULT_STORE: &str = ".distributor/engine.db";
+/// The default state directory.
+pub const DEFAULT_STATE_DIR: &str = ".distributor";
+/// The generated API token's file name in the state directory.
+pub const DEFAULT_TOKEN_FILE: &str = "api-token";
 /// The default `local` instance's state directory.
 pub const DEFAULT_LOCAL_STATE: &str = ".distributor/local";
 
@@ -125,13 +143,15 @@ impl OrchestratorConfig {
             .into());
         };
         for key in top.keys() {
-            if !["distributors", "engine", "store"].contains(&key.as_str()) {
-                let hint = nearest(key, ["distributors", "engine", "store"])
+            if !["distributors", "engine", "store", "server"].contains(&key.as_str()) {
+                let hint = nearest(key, ["distributors", "engine", "store", "server"])
                     .map(|s| format!(" (did you mean `{s}`?)"))
                     .unwrap_or_default();
                 file_problem(
                     format!("/{key}"),
-                    format!("unknown table `{key}`{hint}; expected distributors, engine, store"),
+                    format!(
+                        "unknown table `{key}`{hint}; expected distributors, engine, store, server"
+                    ),
                 );
             }
         }
@@ -145,6 +165,7 @@ impl OrchestratorConfig {
                 .map_or(Ok(&empty), |v| v.as_object().ok_or(v)),
             &mut file_problem,
         );
+        let server = parse_server(top.get("server"), &mut file_problem);
         let mut dist_doc = Map::new();
         dist_doc.insert(
             "distributors".into(),
@@ -166,6 +187,7 @@ impl OrchestratorConfig {
                 distributors,
                 settings,
                 store,
+                server,
             }),
             _ => Err(ConfigError {
                 source_name: source_name.into(),
@@ -175,13 +197,44 @@ impl OrchestratorConfig {
         }
     }
 
-    /// Opens the store this config names.
+    /// The state directory: the SQLite file's directory (`.distributor` for the default store
+    /// and for `:memory:`).
+    pub fn state_dir(&self) -> PathBuf {
+        match &self.store {
+            StoreLocation::Sqlite(p) => p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+            StoreLocation::Memory => PathBuf::from(DEFAULT_STATE_DIR),
+        }
+    }
+
+    /// Where the server keeps the API token it generates (and the client commands read it):
+    /// `[server] token_file`, default `api-token` in the [state directory](Self::state_dir).
+    pub fn token_file(&self) -> PathBuf {
+        self.server
+            .token_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir().join(DEFAULT_TOKEN_FILE))
+    }
+
+    /// Opens the store this config names. A new SQLite file is created with mode 0600 in a
+    /// directory created with mode 0700 (SQLite gives its `-wal` and `-shm` files the database
+    /// file's mode).
     ///
-    /// Errors: [`Error::Store`] when the SQLite file cannot be created or opened.
+    /// Errors: [`Error::Store`] when the SQLite file cannot be created or opened, or when other
+    /// users can read or write it (it holds the notification secret).
     pub async fn open_store(&self) -> Result<Arc<dyn Store>, Error> {
         Ok(match &self.store {
             StoreLocation::Memory => Arc::new(MemoryStore::new()),
-            StoreLocation::Sqlite(p) => Arc::new(SqliteStore::open(p).await?),
+            StoreLocation::Sqlite(p) => {
+                crate::security::ensure_private_file(p).map_err(|e| Error::Store {
+                    message: e.to_string(),
+                    transient: false,
+                    source: Some(Box::new(e)),
+                })?;
+                Arc::new(SqliteStore::open(p).await?)
+            }
         })
     }
 
@@ -291,6 +344,190 @@ fn parse_store(section: Section<'_>, problem: &mut impl FnMut(String, String)) -
         }
     }
     out
+}
+
+/// `[server]`: who may call the HTTP API and how long a request may take. Every field is
+/// optional.
+///
+/// ```toml
+/// [server]
+/// allowed_hosts = ["orchestrator.internal"]   # Host names served, besides loopback; "*" = any
+/// allowed_origins = ["https://ci.internal"]    # browser origins allowed besides the server's own
+/// public = ["/healthz", "/metrics"]            # paths needing no token (default adds /v1/openapi.json)
+/// token_file = ".distributor/api-token"        # the generated token (when no tokens are listed)
+/// body_limit = 1048576                          # bytes
+/// header_timeout = "10s"                        # to receive a request's headers (and keep-alive idle)
+/// body_timeout = "30s"                          # to receive its body
+/// max_connections = 512
+/// shutdown_grace = "10s"                        # SIGTERM: open connections are dropped after this
+///
+/// [[server.tokens]]                             # any number; each one of token, token_file, token_env
+/// name = "ci"
+/// token_file = "/etc/orchestrator/ci-token"    # must not be readable by others
+/// scopes = ["submit", "read"]                  # read, submit, cancel, admin
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Host names served besides `localhost`, `127.0.0.1`, `::1`; `"*"` serves any.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Origins allowed besides the server's own (`https://ci.internal`).
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Paths that need no API token (default `/healthz`, `/metrics`, `/v1/openapi.json`).
+    #[serde(default)]
+    pub public: Option<Vec<String>>,
+    /// API tokens. Without any, the server generates one with scope `admin` in `token_file`.
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+    /// Where the generated token is kept (default `<state dir>/api-token`).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Largest request body, in bytes (default 1 MiB).
+    #[serde(default)]
+    pub body_limit: Option<usize>,
+    /// Time to receive a request's headers, also the keep-alive idle limit (default 10 s).
+    #[serde(default)]
+    pub header_timeout: Option<HumanDuration>,
+    /// Time to receive a request's body (default 30 s).
+    #[serde(default)]
+    pub body_timeout: Option<HumanDuration>,
+    /// Most connections open at once; more wait in the listen backlog (default 512).
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// On shutdown, how long open requests may finish before connections are dropped
+    /// (default 10 s).
+    #[serde(default)]
+    pub shutdown_grace: Option<HumanDuration>,
+}
+
+/// One `[[server.tokens]]` entry: exactly one of `token`, `token_file`, `token_env`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Its name in logs and messages (default `token-<index>`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The token itself (prefer `token_file` or `token_env`: config files get copied around).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// A file holding it (first line); refused if others can read it.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// An environment variable holding it.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// What it may do.
+    pub scopes: Vec<crate::security::Scope>,
+}
+
+/// The server's resolved security: what [`crate::security::secure`] checks, the connection
+/// limits, and the path of a token generated now (to tell the operator).
+#[derive(Debug, Clone)]
+pub struct ServerSetup {
+    /// The guard's checks.
+    pub security: crate::security::Security,
+    /// Connection limits and shutdown deadline.
+    pub limits: crate::serve::Limits,
+    /// The file of the token the server generated or reuses (when no tokens are configured).
+    pub token_file: Option<PathBuf>,
+}
+
+impl OrchestratorConfig {
+    /// Resolves `[server]` for a server listening on `listen`: reads token files and
+    /// variables, or generates the default token (see [`token_file`](Self::token_file)).
+    ///
+    /// Errors: a token file is unreadable, empty or readable by others; a variable is unset;
+    /// the server listens on every interface without `allowed_hosts`.
+    pub fn server_setup(&self, listen: std::net::SocketAddr) -> Result<ServerSetup, String> {
+        use crate::security::{ApiTokens, HostPolicy, Scope, Security};
+        let c = &self.server;
+        if listen.ip().is_unspecified() && c.allowed_hosts.is_empty() {
+            return Err(format!(
+                "listening on {listen} (every interface) needs [server] allowed_hosts: the host                  names clients use to reach this server (\"*\" to accept any, behind a proxy                  that checks them)"
+            ));
+        }
+        let listen_ip = listen.ip().to_string();
+        let hosts = HostPolicy::loopback_and(
+            c.allowed_hosts
+                .iter()
+                .map(String::as_str)
+                .chain(std::iter::once(listen_ip.as_str())),
+        );
+        let mut tokens = ApiTokens::new();
+        let mut token_file = None;
+        for (i, t) in c.tokens.iter().enumerate() {
+            let name = t.name.clone().unwrap_or_else(|| format!("token-{i}"));
+            let at = format!("/server/tokens/{i}");
+            let value = match (&t.token, &t.token_file, &t.token_env) {
+                (Some(v), None, None) => v.clone(),
+                (None, Some(f), None) => {
+                    crate::security::read_token_file(f).map_err(|e| format!("{at}: {e}"))?
+                }
+                (None, None, Some(var)) => std::env::var(var)
+                    .map_err(|_| format!("{at}/token_env: variable `{var}` is not set"))?,
+                _ => {
+                    return Err(format!(
+                        "{at}: give exactly one of `token`, `token_file`, `token_env`"
+                    ));
+                }
+            };
+            if value.len() < 16 {
+                return Err(format!("{at}: a token needs at least 16 characters"));
+            }
+            tokens.insert(&name, &value, t.scopes.iter().copied());
+        }
+        if c.tokens.is_empty() {
+            let path = self.token_file();
+            let (token, _) =
+                crate::security::load_or_generate_token(&path).map_err(|e| e.to_string())?;
+            tokens.insert("default", &token, [Scope::Admin]);
+            token_file = Some(path);
+        }
+        let mut security = Security::loopback(tokens);
+        security.hosts = hosts;
+        security.origins = c.allowed_origins.iter().cloned().collect();
+        if let Some(p) = &c.public {
+            security.public = p.iter().cloned().collect();
+        }
+        if let Some(n) = c.body_limit {
+            security.body_limit = n;
+        }
+        if let Some(d) = c.body_timeout {
+            security.body_timeout = d.0;
+        }
+        let mut limits = crate::serve::Limits::default();
+        if let Some(d) = c.header_timeout {
+            limits.header_timeout = d.0;
+        }
+        if let Some(n) = c.max_connections {
+            limits.max_connections = n.max(1);
+        }
+        if let Some(d) = c.shutdown_grace {
+            limits.shutdown_grace = d.0;
+        }
+        Ok(ServerSetup {
+            security,
+            limits,
+            token_file,
+        })
+    }
+}
+
+fn parse_server(section: Option<&Value>, problem: &mut impl FnMut(String, String)) -> ServerConfig {
+    let Some(v) = section else {
+        return ServerConfig::default();
+    };
+    match serde_path_to_error::deserialize::<_, ServerConfig>(v.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            let pointer = crate::taskfile::pointer_of(&e.path().to_string());
+            let msg = crate::taskfile::humanize(&e.into_inner().to_string());
+            problem(format!("/server{pointer}"), msg);
+            ServerConfig::default()
+        }
+    }
 }
 
 #[cfg(test)]

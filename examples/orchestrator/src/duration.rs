@@ -18,6 +18,11 @@ impl HumanDuration {
     /// finite or too large, with the accepted forms in the message.
     pub fn parse(s: &str) -> Result<Self, String> {
         let t = s.trim();
+        if t.starts_with('-') {
+            return Err(format!(
+                "`{s}` is negative; a duration is zero or more, like \"30s\""
+            ));
+        }
         let split = t
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(t.len());

@@ -13,6 +13,7 @@ pub mod config;
 pub mod duration;
 mod page;
 pub mod run;
+pub mod security;
 pub mod serve;
 pub mod taskfile;
 pub mod workflow;
@@ -21,5 +22,6 @@ mod workflow_page;
 
 pub use config::{OrchestratorConfig, StoreLocation, registry};
 pub use run::{Progress, RunReport, TaskResult, run};
-pub use serve::{router, serve};
+pub use security::{ApiTokens, Scope, Security};
+pub use serve::{Limits, router, routes, serve};
 pub use taskfile::{TaskFile, TaskFileError, TaskSpec};

@@ -31,6 +31,10 @@ struct Cli {
         default_value = "http://127.0.0.1:8080"
     )]
     server: String,
+    /// File holding the API token the client commands send (default: the `api-token` file in
+    /// the config's state directory, `.distributor/api-token`). `ORCHESTRATOR_TOKEN` overrides.
+    #[arg(long, global = true, env = "ORCHESTRATOR_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -175,7 +179,12 @@ async fn main_async(cli: Cli) -> CmdResult {
             run_timeout,
             retries,
         } => {
-            let client = Client::new(&cli.server).map_err(|e| e.to_string())?;
+            let client = client(
+                &registry,
+                &cli.server,
+                cli.token_file.as_deref(),
+                cli.config.as_deref(),
+            )?;
             let reqs: Vec<(String, SubmitRequest)> = match (file, payload) {
                 (Some(f), None) => {
                     let tasks = TaskFile::load(&f).map_err(|e| e.to_string())?.task;
@@ -222,7 +231,12 @@ async fn main_async(cli: Cli) -> CmdResult {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { id, json } => {
-            let client = Client::new(&cli.server).map_err(|e| e.to_string())?;
+            let client = client(
+                &registry,
+                &cli.server,
+                cli.token_file.as_deref(),
+                cli.config.as_deref(),
+            )?;
             let v = client.get(id).await.map_err(|e| e.to_string())?;
             if json {
                 println!(
@@ -235,7 +249,12 @@ async fn main_async(cli: Cli) -> CmdResult {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Cancel { id, reason } => {
-            let client = Client::new(&cli.server).map_err(|e| e.to_string())?;
+            let client = client(
+                &registry,
+                &cli.server,
+                cli.token_file.as_deref(),
+                cli.config.as_deref(),
+            )?;
             let v = client
                 .cancel(id, reason.as_deref())
                 .await
@@ -250,7 +269,12 @@ async fn main_async(cli: Cli) -> CmdResult {
             limit,
             json,
         } => {
-            let client = Client::new(&cli.server).map_err(|e| e.to_string())?;
+            let client = client(
+                &registry,
+                &cli.server,
+                cli.token_file.as_deref(),
+                cli.config.as_deref(),
+            )?;
             let mut q: Vec<(&str, String)> = Vec::new();
             q.extend(state.map(|s| ("state", s)));
             q.extend(distributor.map(|d| ("distributor", d)));
@@ -282,6 +306,37 @@ async fn main_async(cli: Cli) -> CmdResult {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// A client of `--server` with the API token: `ORCHESTRATOR_TOKEN`, else `--token-file`, else
+/// the config's token file (what `serve` generated) if it exists.
+fn client(
+    registry: &Registry,
+    server: &str,
+    token_file: Option<&Path>,
+    config: Option<&Path>,
+) -> Result<Client, String> {
+    let token = match std::env::var("ORCHESTRATOR_TOKEN") {
+        Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
+        _ => {
+            let path = match token_file {
+                Some(p) => Some(p.to_path_buf()),
+                None => OrchestratorConfig::load(registry, config)
+                    .ok()
+                    .map(|c| c.token_file())
+                    .filter(|p| p.exists()),
+            };
+            match path {
+                Some(p) => {
+                    Some(orchestrator::security::read_token_file(&p).map_err(|e| e.to_string())?)
+                }
+                None => None,
+            }
+        }
+    };
+    Ok(Client::new(server)
+        .map_err(|e| e.to_string())?
+        .with_token(token))
 }
 
 fn parse_labels(labels: &[String]) -> Result<Vec<(String, String)>, String> {
@@ -343,8 +398,17 @@ async fn serve(registry: &Registry, config: Option<&Path>, listen: &str) -> CmdR
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let setup = cfg.server_setup(addr)?;
     let engine = engine_for(registry, &cfg, Some(format!("http://{addr}/v1/notify"))).await?;
     println!("orchestrator listening on http://{addr}");
+    if let Some(path) = &setup.token_file {
+        // Not println!: a supervisor that stopped reading stdout must not kill the server.
+        let _ = writeln!(
+            std::io::stdout(),
+            "API token (scope admin) in {}; the client commands read it from there",
+            path.display()
+        );
+    }
     let _ = std::io::stdout().flush();
     let shutdown = async {
         let mut term =
@@ -357,7 +421,7 @@ async fn serve(registry: &Registry, config: Option<&Path>, listen: &str) -> CmdR
             "shutting down; running work keeps running and is re-attached on the next start"
         );
     };
-    orchestrator::serve(listener, engine, shutdown)
+    orchestrator::serve(listener, engine, setup.security, setup.limits, shutdown)
         .await
         .map_err(|e| e.to_string())?;
     Ok(ExitCode::SUCCESS)

@@ -15,7 +15,7 @@ const COUNT_CAP: usize = 10_000;
 /// Rows in each table.
 const ROWS: usize = 20;
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

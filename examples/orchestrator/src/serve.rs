@@ -14,20 +14,39 @@
 //! | `GET /` | an HTML status page |
 //! | `/v1/workflows/…`, `GET /workflows` | workflow runs: API and pages ([`crate::workflow_http`]) |
 //!
-//! Errors are JSON ([`ErrorResponse`]) naming the field at fault: malformed bodies 400,
-//! invalid payloads 422 with every violation, unknown ids 404, pushes without a token 401 and with
-//! a forged, expired or foreign token 403. Stale, duplicate and post-terminal pushes are
-//! acknowledged with 200 `{"accepted": false, "reason"}` so that a push service stops redelivering
-//! them.
+//! Every route, including routes merged into [`routes`] by other modules, sits behind
+//! [`crate::security`]: `Host` and `Origin` checks, JSON-only bodies, bearer tokens with scopes,
+//! body size and time limits. [`serve`] adds header timeouts, a connection limit and a shutdown
+//! deadline ([`Limits`]).
+//!
+//! Every non-2xx answer is JSON ([`ErrorResponse`]) with a stable `code`, naming the body field
+//! at fault as a JSON Pointer (`field`) or the query or path parameter (`parameter`): malformed
+//! bodies 400, invalid payloads 422 with every violation, unknown ids 404, wrong method 405,
+//! body too large 413 (naming the limit), wrong content type 415, no or bad API token 401, a
+//! token without the scope 403; a plain push without a token 401, with a forged, expired or
+//! foreign token 403.
+//!
+//! Pushes and redelivery: Google Pub/Sub push redelivers every answer outside 102/200/201/202/204
+//! (with backoff, until the message expires). So a push that can never succeed — forged,
+//! malformed, too large, for an unknown or finished execution, stale — is **acknowledged with
+//! 200** `{"accepted": false, "reason", "error": {...}}` when it is a Pub/Sub push (its body has a
+//! `message` envelope or `subscription`, or its `User-Agent` is Pub/Sub's), and counted in
+//! `orchestrator_push_dropped_total{code}`; a failure that may pass later (store unavailable,
+//! shutting down) answers 503 so that Pub/Sub redelivers it. Plain pushes get the 4xx above.
+//! Stale, duplicate and post-terminal pushes get 200 `{"accepted": false, "reason"}` in both
+//! forms.
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State as AxState};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
@@ -42,6 +61,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use crate::api::{ErrorBody, ErrorResponse, ExecutionView, SubmitRequest, Submitted};
+use crate::security::Security;
 
 /// The server's shared state.
 #[derive(Debug, Clone)]
@@ -66,8 +86,16 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
-/// The API router over `engine`.
-pub fn router(engine: Engine) -> Router {
+/// The API router over `engine`, behind [`crate::security::secure`] with `security`: what
+/// [`serve`] serves, and what an embedder serves with its own listener.
+pub fn router(engine: Engine, security: Security) -> Router {
+    crate::security::secure(routes(engine), security)
+}
+
+/// The API's routes without the security layers. Modules that add routes merge them here, so
+/// that [`router`] puts them behind the same checks; never serve this directly.
+pub fn routes(engine: Engine) -> Router {
+    // workflow: the workflow routes (API and pages), merged after the state is set.
     let workflows = crate::workflow_http::routes(engine.clone());
     let state = AppState {
         engine,
@@ -85,24 +113,109 @@ pub fn router(engine: Engine) -> Router {
         .route("/v1/notify", post(notify))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .with_state(state)
-        .merge(workflows)
+        .merge(workflows) // workflow:
 }
 
-/// Serves `router(engine)` on `listener` until `shutdown` completes, then stops the engine
-/// gracefully (work in the backends keeps running).
+/// Connection limits of [`serve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Time for a request's headers to arrive; also how long a keep-alive connection may sit
+    /// idle between requests. A connection that exceeds it is closed.
+    pub header_timeout: Duration,
+    /// Most connections open at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// After `shutdown` completes: how long requests in progress may finish. Connections still
+    /// open then are dropped.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            max_connections: 512,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves `router(engine, security)` on `listener` until `shutdown` completes, then lets
+/// requests in progress finish for at most `limits.shutdown_grace`, drops the connections still
+/// open (a client holding half a request included), and stops the engine gracefully (work in
+/// the backends keeps running).
 ///
-/// Errors: the listener fails.
+/// Errors: none today (accept errors are logged and retried); the type leaves room for them.
 pub async fn serve(
     listener: TcpListener,
     engine: Engine,
+    security: Security,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(engine.clone());
-    let r = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let app = router(engine.clone(), security);
+    serve_app(listener, app, limits, shutdown).await;
     engine.shutdown().await;
-    r
+    Ok(())
+}
+
+/// The accept loop of [`serve`] for any router: HTTP/1.1 with a header timeout, a connection
+/// limit, and a graceful shutdown bounded by `limits.shutdown_grace`.
+pub async fn serve_app(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut conns = tokio::task::JoinSet::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(64 * 1024);
+    tokio::pin!(shutdown);
+    loop {
+        while conns.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+        conns.spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let open = conns.len();
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "shutdown: {} connection(s) still open after {:?}, dropping them",
+            conns.len(),
+            limits.shutdown_grace
+        );
+    } else if open > 0 {
+        tracing::info!("shutdown: {open} connection(s) closed");
+    }
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
 }
 
 impl AppState {
@@ -116,33 +229,48 @@ impl AppState {
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    body: ErrorBody,
+    body: Box<ErrorBody>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
         Self {
             status,
-            body: ErrorBody {
+            body: Box::new(ErrorBody {
                 code: code.into(),
                 message: message.into(),
                 field: None,
+                parameter: None,
                 violations: Vec::new(),
-            },
+            }),
         }
     }
+    /// Names the body field at fault: a JSON Pointer (`""` or starting with `/`).
     fn field(mut self, field: impl Into<String>) -> Self {
-        self.body.field = Some(field.into());
+        let f = field.into();
+        debug_assert!(
+            f.is_empty() || f.starts_with('/'),
+            "not a JSON Pointer: {f}"
+        );
+        self.body.field = Some(f);
+        self
+    }
+    /// Names the query or path parameter at fault.
+    fn param(mut self, name: impl Into<String>) -> Self {
+        self.body.parameter = Some(name.into());
         self
     }
     fn bad(field: &str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message).field(field)
     }
+    fn bad_param(name: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message).param(name)
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(ErrorResponse { error: self.body })).into_response()
+        (self.status, axum::Json(ErrorResponse { error: *self.body })).into_response()
     }
 }
 
@@ -173,12 +301,18 @@ impl From<Error> for ApiError {
             }
             Error::UnknownExecution(_) => Self::new(StatusCode::NOT_FOUND, "not_found", msg),
             Error::NotificationRejected(r) => match r {
+                NotificationRejection::Stale | NotificationRejection::Terminal => {
+                    Self::new(StatusCode::OK, "stale", msg)
+                }
+                NotificationRejection::SequenceJump => {
+                    Self::new(StatusCode::BAD_REQUEST, "invalid_request", msg).field("/sequence")
+                }
                 NotificationRejection::MissingToken => {
                     Self::new(StatusCode::UNAUTHORIZED, "unauthorized", msg)
                         .field("/attributes/auth_token")
                 }
                 NotificationRejection::UnknownExecution => {
-                    Self::new(StatusCode::NOT_FOUND, "not_found", msg).field("execution_id")
+                    Self::new(StatusCode::NOT_FOUND, "not_found", msg).field("/execution_id")
                 }
                 _ => Self::new(StatusCode::FORBIDDEN, "forbidden", msg)
                     .field("/attributes/auth_token"),
@@ -199,25 +333,14 @@ fn parse_body<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
     }
     let mut de = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
+        let pointer = crate::taskfile::pointer_of(&e.path().to_string());
         let inner = e.into_inner();
-        let mut pointer = String::new();
-        if path != "." {
-            for seg in path.split('.') {
-                // serde_path_to_error writes sequence indices as `[3]`.
-                for part in seg.split('[') {
-                    let part = part.trim_end_matches(']');
-                    if !part.is_empty() {
-                        pointer.push('/');
-                        pointer.push_str(part);
-                    }
-                }
-            }
-        }
-        let field = missing_field(&inner.to_string())
+        let text = inner.to_string();
+        let field = missing_field(&text)
             .map(|m| format!("{pointer}/{m}"))
             .unwrap_or(pointer);
-        ApiError::bad(&field, format!("invalid request body: {inner}"))
+        let msg = crate::taskfile::humanize(&text);
+        ApiError::bad(&field, format!("invalid request body: {msg}"))
     })
 }
 
@@ -229,9 +352,9 @@ fn missing_field(msg: &str) -> Option<&str> {
 }
 
 fn parse_id(raw: &str) -> ApiResult<ExecutionId> {
-    raw.parse::<u64>()
-        .map(ExecutionId)
-        .map_err(|_| ApiError::bad("id", format!("`{raw}` is not an execution id (an integer)")))
+    raw.parse::<u64>().map(ExecutionId).map_err(|_| {
+        ApiError::bad_param("id", format!("`{raw}` is not an execution id (an integer)"))
+    })
 }
 
 async fn healthz(AxState(s): AxState<AppState>) -> ApiResult<axum::Json<Value>> {
@@ -311,34 +434,36 @@ fn list_filter(query: Option<&str>) -> ApiResult<ListFilter> {
         match k.as_ref() {
             "state" => {
                 for s in v.split(',').filter(|s| !s.is_empty()) {
-                    f.states
-                        .push(s.parse::<State>().map_err(|e| ApiError::bad("state", e))?);
+                    f.states.push(
+                        s.parse::<State>()
+                            .map_err(|e| ApiError::bad_param("state", e))?,
+                    );
                 }
             }
             "distributor" => f.distributor = Some(v.as_ref().into()),
             "label" => {
-                let (lk, lv) = v
-                    .split_once('=')
-                    .ok_or_else(|| ApiError::bad("label", format!("`{v}` is not key=value")))?;
+                let (lk, lv) = v.split_once('=').ok_or_else(|| {
+                    ApiError::bad_param("label", format!("`{v}` is not key=value"))
+                })?;
                 f.labels.insert(lk.into(), lv.into());
             }
             "task_id" => {
                 f.task_id = Some(TaskId(v.parse().map_err(|_| {
-                    ApiError::bad("task_id", format!("`{v}` is not an integer"))
+                    ApiError::bad_param("task_id", format!("`{v}` is not an integer"))
                 })?));
             }
             "after" => {
                 f.after = Some(ExecutionId(v.parse().map_err(|_| {
-                    ApiError::bad("after", format!("`{v}` is not an integer"))
+                    ApiError::bad_param("after", format!("`{v}` is not an integer"))
                 })?));
             }
             "limit" => {
                 f.limit = Some(v.parse().map_err(|_| {
-                    ApiError::bad("limit", format!("`{v}` is not a positive integer"))
+                    ApiError::bad_param("limit", format!("`{v}` is not a positive integer"))
                 })?);
             }
             other => {
-                return Err(ApiError::bad(
+                return Err(ApiError::bad_param(
                     other,
                     format!(
                         "unknown query parameter `{other}`; expected state, distributor, \
@@ -446,9 +571,28 @@ struct PlainPush {
     message_id: Option<String>,
 }
 
-fn parse_push(body: &[u8]) -> ApiResult<(ExecutionId, Notification)> {
+/// Whether a push body is in Pub/Sub's envelope (`message` or `subscription` at the top).
+fn is_pubsub_body(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Map<String, Value>>(body)
+        .is_ok_and(|m| m.contains_key("message") || m.contains_key("subscription"))
+}
+
+fn parse_push(body: &[u8], pubsub: bool) -> ApiResult<(ExecutionId, Notification)> {
     let doc: Value = parse_body(body)?;
-    if doc.get("message").is_some() {
+    if !doc.is_object() {
+        return Err(ApiError::bad(
+            "",
+            "a push is a JSON object: Pub/Sub's {\"message\": {...}, \"subscription\"} or \
+             {\"execution_id\", \"data\", \"attributes\", \"sequence\"}",
+        ));
+    }
+    if pubsub || doc.get("message").is_some() || doc.get("subscription").is_some() {
+        if doc.get("message").is_none() {
+            return Err(ApiError::bad(
+                "/message",
+                "a Pub/Sub push needs `message` (an object with `data` and `attributes`)",
+            ));
+        }
         let push: PubSubPush = parse_body(body)?;
         let m = push.message;
         let data = match &m.data {
@@ -463,18 +607,20 @@ fn parse_push(body: &[u8]) -> ApiResult<(ExecutionId, Notification)> {
                 "missing attribute `execution_id`",
             )
         })?;
-        let id = raw_id.parse().map(ExecutionId).map_err(|_| {
-            ApiError::bad(
-                "/message/attributes/execution_id",
-                format!("`{raw_id}` is not an execution id"),
-            )
-        })?;
+        let id = parse_canonical_u64(raw_id)
+            .map(ExecutionId)
+            .ok_or_else(|| {
+                ApiError::bad(
+                    "/message/attributes/execution_id",
+                    format!("`{raw_id}` is not an execution id (digits, no leading zeros)"),
+                )
+            })?;
         let sequence = match m.attributes.get("sequence") {
             None => None,
-            Some(s) => Some(s.parse().map_err(|_| {
+            Some(s) => Some(parse_canonical_u64(s).ok_or_else(|| {
                 ApiError::bad(
                     "/message/attributes/sequence",
-                    format!("`{s}` is not an integer"),
+                    format!("`{s}` is not a sequence number (digits, no leading zeros)"),
                 )
             })?),
         };
@@ -508,14 +654,50 @@ fn parse_push(body: &[u8]) -> ApiResult<(ExecutionId, Notification)> {
     }
 }
 
-async fn notify(AxState(s): AxState<AppState>, body: Bytes) -> ApiResult<Response> {
-    let (id, n) = parse_push(&body)?;
-    match s.engine.notify(id, n).await {
+/// Digits only, no sign, no leading zeros (`0` itself is fine): one spelling per number.
+fn parse_canonical_u64(s: &str) -> Option<u64> {
+    let canonical =
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
+    canonical.then(|| s.parse().ok()).flatten()
+}
+
+/// The 200 answer that makes Pub/Sub drop a push that can never succeed.
+pub(crate) fn push_dropped(code: &str, message: &str) -> Response {
+    push_dropped_with(code, message, json!({"code": code, "message": message}))
+}
+
+fn push_dropped_with(code: &str, message: &str, error: Value) -> Response {
+    metrics::counter!("orchestrator_push_dropped_total", "code" => code.to_owned()).increment(1);
+    tracing::warn!("push dropped ({code}): {message}");
+    (
+        StatusCode::OK,
+        axum::Json(json!({"accepted": false, "reason": message, "error": error})),
+    )
+        .into_response()
+}
+
+async fn notify(
+    AxState(s): AxState<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let pubsub = crate::security::from_pubsub(&headers) || is_pubsub_body(&body);
+    let result = match parse_push(&body, pubsub) {
+        Ok((id, n)) => s.engine.notify(id, n).await.map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    match result {
         Ok(()) => Ok(axum::Json(json!({"accepted": true})).into_response()),
-        Err(Error::NotificationRejected(
-            r @ (NotificationRejection::Stale | NotificationRejection::Terminal),
-        )) => Ok(axum::Json(json!({"accepted": false, "reason": r.to_string()})).into_response()),
-        Err(e) => Err(e.into()),
+        Err(e) if e.body.code == "stale" => {
+            Ok(axum::Json(json!({"accepted": false, "reason": e.body.message})).into_response())
+        }
+        // Transient: ask for redelivery.
+        Err(e) if e.status.is_server_error() => Err(e),
+        Err(e) if pubsub => {
+            let error = serde_json::to_value(&e.body).unwrap_or(Value::Null);
+            Ok(push_dropped_with(&e.body.code, &e.body.message, error))
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -533,7 +715,7 @@ mod tests {
             },
             "subscription": "projects/p/subscriptions/s"
         });
-        let (id, n) = parse_push(body.to_string().as_bytes()).unwrap();
+        let (id, n) = parse_push(body.to_string().as_bytes(), false).unwrap();
         assert_eq!(id, ExecutionId(7));
         assert_eq!(n.data, b"{\"x\":1}");
         assert_eq!(n.sequence, Some(3));
@@ -547,15 +729,18 @@ mod tests {
 
     #[test]
     fn plain_push_and_errors_name_fields() {
-        let (id, n) =
-            parse_push(br#"{"execution_id": 4, "data": {"a": 1}, "sequence": 2}"#).unwrap();
+        let (id, n) = parse_push(
+            br#"{"execution_id": 4, "data": {"a": 1}, "sequence": 2}"#,
+            false,
+        )
+        .unwrap();
         assert_eq!((id, n.sequence), (ExecutionId(4), Some(2)));
         assert_eq!(n.data, br#"{"a":1}"#);
-        let e = parse_push(br#"{"execution_id": "x"}"#).unwrap_err();
+        let e = parse_push(br#"{"execution_id": "x"}"#, false).unwrap_err();
         assert_eq!(e.body.field.as_deref(), Some("/execution_id"));
-        let e = parse_push(br#"{"data": 1}"#).unwrap_err();
+        let e = parse_push(br#"{"data": 1}"#, false).unwrap_err();
         assert_eq!(e.body.field.as_deref(), Some("/execution_id"), "{e:?}");
-        let e = parse_push(br#"{"message": {"attributes": {}}}"#).unwrap_err();
+        let e = parse_push(br#"{"message": {"attributes": {}}}"#, false).unwrap_err();
         assert_eq!(
             e.body.field.as_deref(),
             Some("/message/attributes/execution_id")
@@ -575,7 +760,7 @@ mod tests {
             list_filter(Some("stat=x"))
                 .unwrap_err()
                 .body
-                .field
+                .parameter
                 .as_deref(),
             Some("stat")
         );
@@ -583,7 +768,7 @@ mod tests {
             list_filter(Some("state=nope"))
                 .unwrap_err()
                 .body
-                .field
+                .parameter
                 .as_deref(),
             Some("state")
         );

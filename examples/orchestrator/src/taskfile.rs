@@ -189,6 +189,30 @@ impl fmt::Display for TaskFileError {
     }
 }
 
+/// A TOML error's text with its message part humanized (the line and caret stay).
+fn humanize_toml(text: &str) -> String {
+    text.trim_end()
+        .lines()
+        .map(|l| {
+            if l.starts_with("unknown field") || l.starts_with("invalid") {
+                humanize(l)
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn json_problem(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
+    format!(
+        "at {} ({}): {}",
+        e.path(),
+        pointer_of(&e.path().to_string()),
+        humanize(&e.inner().to_string())
+    )
+}
+
 impl TaskFile {
     /// Reads and parses `path`: JSON when it ends in `.json`, TOML otherwise.
     ///
@@ -211,9 +235,9 @@ impl TaskFile {
     ///
     /// Errors: syntax errors and unknown or mistyped fields, with line and column.
     pub fn from_toml(source_name: &str, text: &str) -> Result<Self, TaskFileError> {
-        toml::from_str(text).map_err(|e| TaskFileError {
+        toml::from_str(text).map_err(|e: toml::de::Error| TaskFileError {
             source_name: source_name.into(),
-            problems: vec![e.to_string().trim_end().to_owned()],
+            problems: vec![humanize_toml(&e.to_string())],
         })
     }
 
@@ -227,12 +251,11 @@ impl TaskFile {
         };
         let mut de = serde_json::Deserializer::from_str(text);
         if text.trim_start().starts_with('[') {
-            let task: Vec<TaskSpec> = serde_path_to_error::deserialize(&mut de)
-                .map_err(|e| err(format!("at {}: {}", e.path(), e.inner())))?;
+            let task: Vec<TaskSpec> =
+                serde_path_to_error::deserialize(&mut de).map_err(|e| err(json_problem(&e)))?;
             Ok(Self { task })
         } else {
-            serde_path_to_error::deserialize(&mut de)
-                .map_err(|e| err(format!("at {}: {}", e.path(), e.inner())))
+            serde_path_to_error::deserialize(&mut de).map_err(|e| err(json_problem(&e)))
         }
     }
 
@@ -283,9 +306,139 @@ impl TaskFile {
     }
 }
 
+/// A `serde_path_to_error` path (`task[0].timeouts.run`, `.` for the root) as a JSON Pointer
+/// (`/task/0/timeouts/run`, `""` for the root), with `~` and `/` escaped.
+pub fn pointer_of(path: &str) -> String {
+    let mut pointer = String::new();
+    if path == "." || path.is_empty() {
+        return pointer;
+    }
+    for seg in path.split('.') {
+        // Sequence indices are written `[3]`.
+        for part in seg.split('[') {
+            let part = part.trim_end_matches(']');
+            if !part.is_empty() {
+                pointer.push('/');
+                pointer.push_str(&part.replace('~', "~0").replace('/', "~1"));
+            }
+        }
+    }
+    pointer
+}
+
+/// A serde message made readable for people who write JSON or TOML, not Rust: type names
+/// become JSON words (`struct SubmitRequest with 6 elements` → `an object`, `u32` → `a
+/// non-negative integer`, `sequence` → `array`), and an unknown field gets the nearest known
+/// one (`payloda` → did you mean `payload`?).
+pub fn humanize(msg: &str) -> String {
+    let mut out = msg.to_owned();
+    // "expected struct X with N elements", "expected struct X", "expected enum X"
+    for kw in ["struct ", "enum ", "tuple struct ", "unit struct "] {
+        while let Some(i) = out.find(&format!("expected {kw}")) {
+            let start = i + "expected ".len();
+            let after_kw = start + kw.len();
+            let ident_end = out[after_kw..]
+                .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+                .map_or(out.len(), |j| after_kw + j);
+            let mut end = ident_end;
+            if let Some(rest) = out[ident_end..].strip_prefix(" with ") {
+                let n = rest
+                    .find(|c: char| !c.is_ascii_digit())
+                    .unwrap_or(rest.len());
+                let tail = &rest[n..];
+                for word in [" elements", " element"] {
+                    if let Some(t) = tail.strip_prefix(word) {
+                        end = out.len() - t.len();
+                        break;
+                    }
+                }
+            }
+            let word = if kw == "enum " {
+                "one of the accepted values"
+            } else {
+                "an object"
+            };
+            out.replace_range(start..end, word);
+        }
+    }
+    for (from, to) in [
+        ("expected a map", "expected an object"),
+        ("expected a sequence", "expected an array"),
+        ("invalid type: map", "invalid type: object"),
+        ("invalid type: sequence", "invalid type: array"),
+        ("expected u8", "expected a non-negative integer"),
+        ("expected u16", "expected a non-negative integer"),
+        ("expected u32", "expected a non-negative integer"),
+        ("expected u64", "expected a non-negative integer"),
+        ("expected usize", "expected a non-negative integer"),
+        ("expected i32", "expected an integer"),
+        ("expected i64", "expected an integer"),
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+        ("expected a string", "expected a string"),
+    ] {
+        out = out.replace(from, to);
+    }
+    if let Some(rest) = out.strip_prefix("data did not match any variant of untagged enum ") {
+        let _ = rest;
+        out = "the value matches none of the accepted forms".into();
+    }
+    // "unknown field `x`, expected one of `a`, `b`" / "expected `a` or `b`"
+    if let Some(rest) = out.strip_prefix("unknown field `")
+        && let Some((field, tail)) = rest.split_once('`')
+    {
+        let known: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
+        let field = field.to_owned();
+        // Fewest edits first (`retry` → `retries`, not `retry_delay`), then Jaro-Winkler.
+        let prefix = known
+            .iter()
+            .map(|k| (strsim::levenshtein(&field, k), *k))
+            .filter(|(d, _)| *d <= (field.len() / 2).max(3) && *d < field.len())
+            .min_by_key(|(d, _)| *d)
+            .map(|(_, k)| k.to_owned());
+        let hint = prefix
+            .or_else(|| distributor_core::nearest(&field, known.iter().copied()))
+            .map(|s| format!(" (did you mean `{s}`?)"))
+            .unwrap_or_default();
+        let list = known
+            .iter()
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        out = if list.is_empty() {
+            format!("unknown field `{field}`{hint}")
+        } else {
+            format!("unknown field `{field}`{hint}; expected one of {list}")
+        };
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_name_json_types_and_suggest_fields() {
+        assert_eq!(
+            humanize("invalid type: sequence, expected struct PlainPush with 5 elements"),
+            "invalid type: array, expected an object"
+        );
+        assert_eq!(
+            humanize("invalid value: integer `-1`, expected u32"),
+            "invalid value: integer `-1`, expected a non-negative integer"
+        );
+        let m = humanize(
+            "unknown field `payloda`, expected one of `distributor`, `payload`, `retries`",
+        );
+        assert!(m.contains("did you mean `payload`?"), "{m}");
+        let m =
+            humanize("unknown field `retry`, expected one of `payload`, `retries`, `retry_delay`");
+        assert!(m.contains("did you mean `retries`?"), "{m}");
+        assert_eq!(pointer_of("."), "");
+        assert_eq!(pointer_of("task[0].timeouts.run"), "/task/0/timeouts/run");
+        assert_eq!(pointer_of("labels.a/b"), "/labels/a~1b");
+    }
 
     #[test]
     fn toml_and_json_parse_to_the_same_tasks() {

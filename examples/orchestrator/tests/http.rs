@@ -8,8 +8,12 @@ use base64::Engine as _;
 use distributor_core::store::MemoryStore;
 use distributor_core::testing::{FakeBackend, FakeConfig};
 use distributor_core::{DistributorsConfig, Engine, Registry, Settings};
+use orchestrator::{ApiTokens, Scope, Security};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+
+const TOKEN: &str = "test-admin-token-0123456789";
+const READER: &str = "test-read-token-0123456789";
 
 struct Server {
     base: String,
@@ -39,7 +43,13 @@ async fn server(backend: &str) -> Server {
         .build()
         .await
         .unwrap();
-    let app = orchestrator::router(engine.clone());
+    let tokens =
+        ApiTokens::new()
+            .with("admin", TOKEN, [Scope::Admin])
+            .with("reader", READER, [Scope::Read]);
+    let mut security = Security::loopback(tokens);
+    security.body_limit = 64 * 1024;
+    let app = orchestrator::router(engine.clone(), security);
     tokio::spawn(async move { axum::serve(listener, app).await });
     Server {
         base: format!("http://{addr}"),
@@ -53,6 +63,7 @@ impl Server {
         let r = self
             .http
             .post(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
             .header("content-type", "application/json")
             .body(body.to_owned())
             .send()
@@ -65,6 +76,7 @@ impl Server {
         let r = self
             .http
             .get(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
             .send()
             .await
             .unwrap();
@@ -253,8 +265,18 @@ async fn bad_requests_get_4xx_naming_the_field() {
         .collect();
     assert_eq!(pointers, ["/payload/pushs", "/payload/run_for_ms"], "{v}");
 
+    let param = |v: &Value| {
+        v["error"]["parameter"]
+            .as_str()
+            .unwrap_or("<none>")
+            .to_owned()
+    };
     let (st, v) = s.get_json("/v1/executions/abc").await;
-    assert_eq!((st, field(&v)), (StatusCode::BAD_REQUEST, "id"), "{v}");
+    assert_eq!(
+        (st, param(&v).as_str()),
+        (StatusCode::BAD_REQUEST, "id"),
+        "{v}"
+    );
     let (st, v) = s.get_json("/v1/executions/999").await;
     assert_eq!(
         (st, v["error"]["code"].as_str()),
@@ -262,9 +284,17 @@ async fn bad_requests_get_4xx_naming_the_field() {
         "{v}"
     );
     let (st, v) = s.get_json("/v1/executions?state=runnin").await;
-    assert_eq!((st, field(&v)), (StatusCode::BAD_REQUEST, "state"), "{v}");
+    assert_eq!(
+        (st, param(&v).as_str()),
+        (StatusCode::BAD_REQUEST, "state"),
+        "{v}"
+    );
     let (st, v) = s.get_json("/v1/executions?colour=red").await;
-    assert_eq!((st, field(&v)), (StatusCode::BAD_REQUEST, "colour"), "{v}");
+    assert_eq!(
+        (st, param(&v).as_str()),
+        (StatusCode::BAD_REQUEST, "colour"),
+        "{v}"
+    );
     let (st, v) = s.post("/v1/executions/1/cancel", r#"{"why": "x"}"#).await;
     assert_eq!((st, field(&v)), (StatusCode::BAD_REQUEST, "/why"), "{v}");
     let (st, _) = s.get_json("/nope").await;
@@ -308,17 +338,35 @@ async fn notify_rejects_forged_and_missing_tokens_and_accepts_real_ones() {
         .to_string()
     };
     let forged = format!("{}x", &real[..real.len() - 1]);
+    // Pub/Sub pushes that can never pass are acknowledged (200) so that Pub/Sub stops
+    // redelivering them, with the refusal in the body.
     let (st, v) = s.post("/v1/notify", &pubsub(Some(&forged), 100)).await;
-    assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["accepted"], false, "{v}");
     assert_eq!(v["error"]["code"], "forbidden");
     assert_eq!(field(&v), "/attributes/auth_token");
     let (st, v) = s.post("/v1/notify", &pubsub(Some("garbage"), 101)).await;
-    assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(
+        (st, &v["error"]["code"]),
+        (StatusCode::OK, &json!("forbidden")),
+        "{v}"
+    );
     let (st, v) = s.post("/v1/notify", &pubsub(None, 102)).await;
-    assert_eq!(st, StatusCode::UNAUTHORIZED, "{v}");
+    assert_eq!(
+        (st, &v["error"]["code"]),
+        (StatusCode::OK, &json!("unauthorized")),
+        "{v}"
+    );
     let plain = json!({"execution_id": id, "data": {"status": "running"}, "attributes": {"auth_token": forged}, "sequence": 103});
     let (st, _) = s.post("/v1/notify", &plain.to_string()).await;
     assert_eq!(st, StatusCode::FORBIDDEN);
+    let (st, _) = s
+        .post(
+            "/v1/notify",
+            &json!({"execution_id": id, "data": {}}).to_string(),
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
     // The forged pushes changed nothing.
     let (_, rec) = s.get_json(&format!("/v1/executions/{id}")).await;
     assert_eq!(rec["state"], "running", "{rec}");
@@ -330,6 +378,12 @@ async fn notify_rejects_forged_and_missing_tokens_and_accepts_real_ones() {
         .cancel(distributor_core::ExecutionId(id), "end of test")
         .await
         .unwrap();
+    // A genuine push while the engine is stopped is transient: 503, so that Pub/Sub
+    // redelivers it.
+    s.engine.shutdown().await;
+    let (st, v) = s.post("/v1/notify", &pubsub(Some(&real), 2_000)).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"]["code"], "unavailable", "{v}");
 }
 
 #[tokio::test]
@@ -373,4 +427,228 @@ async fn kinds_metrics_health_and_status_page() {
         html.contains("disk &lt;full&gt;"),
         "reasons are shown, escaped: {html}"
     );
+}
+
+#[tokio::test]
+async fn every_refusal_is_json_and_scopes_cookies_and_limits_hold() {
+    let s = server("http-guard").await;
+    let url = |p: &str| format!("{}{p}", s.base);
+    let raw = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let json_of = |r: reqwest::Response| async move {
+        let st = r.status();
+        let ct = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        assert!(
+            ct.starts_with("application/json"),
+            "{st}: content-type {ct}"
+        );
+        (st, r.json::<Value>().await.unwrap())
+    };
+    // 405 names the method and what is allowed.
+    let r = raw
+        .delete(url("/v1/kinds"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let (st, v) = json_of(r).await;
+    assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(v["error"]["code"], "method_not_allowed");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("GET"),
+        "{v}"
+    );
+    // 413 names the limit.
+    let big = format!(
+        r#"{{"distributor": "fake", "payload": {{"x": "{}"}}}}"#,
+        "a".repeat(70_000)
+    );
+    let r = raw
+        .post(url("/v1/executions"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    let (st, v) = json_of(r).await;
+    assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("65536 bytes"),
+        "{v}"
+    );
+    // …but an oversized Pub/Sub push is acknowledged, or Pub/Sub would redeliver it forever.
+    let r = raw
+        .post(url("/v1/notify"))
+        .header("content-type", "application/json")
+        .header("user-agent", "CloudPubSub-Google")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    let (st, v) = json_of(r).await;
+    assert_eq!((st, &v["accepted"]), (StatusCode::OK, &json!(false)), "{v}");
+    assert_eq!(v["error"]["code"], "payload_too_large", "{v}");
+    // A Pub/Sub body without `message` says so.
+    let (st, v) = s
+        .post(
+            "/v1/notify",
+            r#"{"subscription": "projects/p/subscriptions/s"}"#,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(field(&v), "/message", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("needs `message`"),
+        "{v}"
+    );
+    // No Rust type names; JSON Pointers only.
+    let (st, v) = s.post("/v1/notify", "[1, 2]").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(!m.contains("struct") && !m.contains("PlainPush"), "{m}");
+    assert_eq!(field(&v), "", "{v}");
+    let (_, v) = s
+        .post(
+            "/v1/executions",
+            r#"{"distributor": "fake", "payloda": {}}"#,
+        )
+        .await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did you mean `payload`"),
+        "{v}"
+    );
+    let (_, v) = s
+        .post(
+            "/v1/executions",
+            r#"{"distributor": "fake", "payload": {}, "retry": 2}"#,
+        )
+        .await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did you mean `retries`"),
+        "{v}"
+    );
+    let (_, v) = s
+        .post(
+            "/v1/executions",
+            r#"{"distributor": "fake", "payload": {}, "timeouts": {"run": "-5s"}}"#,
+        )
+        .await;
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("negative"),
+        "{v}"
+    );
+
+    // Scopes: a read token reads but cannot submit or cancel.
+    let r = raw
+        .get(url("/v1/executions"))
+        .bearer_auth(READER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = raw
+        .post(url("/v1/executions"))
+        .bearer_auth(READER)
+        .json(&json!({"distributor": "fake", "payload": {}}))
+        .send()
+        .await
+        .unwrap();
+    let (st, v) = json_of(r).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("needs scope `submit`"),
+        "{v}"
+    );
+    let r = raw
+        .get(url("/v1/executions"))
+        .bearer_auth("wrong-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // Same-origin browser requests pass the Origin check.
+    let r = raw
+        .post(url("/v1/executions"))
+        .bearer_auth(TOKEN)
+        .header("origin", &s.base)
+        .json(&json!({"distributor": "fake", "payload": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+
+    // Browsers: an HTML page without a token goes to the login form; the form sets the cookie;
+    // the cookie opens the page. `?token=` does the same exchange.
+    let r = raw
+        .get(url("/"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(r.headers()["location"], "/login?next=%2F");
+    let r = raw.get(url("/login?next=/")).send().await.unwrap();
+    assert!(r.text().await.unwrap().contains("name=\"token\""));
+    let r = raw
+        .post(url("/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("origin", &s.base)
+        .body(format!("token={TOKEN}&next=%2F"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    let r = raw
+        .get(url("/"))
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.text().await.unwrap().contains("Executions by state"));
+    let r = raw
+        .post(url("/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("token=nope&next=%2F")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["location"], "/login?error=1&next=%2F");
+    let r = raw
+        .get(url(&format!("/v1/executions?token={TOKEN}&state=failed")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(r.headers()["location"], "/v1/executions?state=failed");
+    assert!(r.headers().contains_key("set-cookie"));
 }

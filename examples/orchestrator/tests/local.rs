@@ -6,6 +6,21 @@ use std::time::{Duration, Instant};
 use orchestrator::OrchestratorConfig;
 use serde_json::{Value, json};
 
+/// A client sending the API token (`token` in the test's server setup, or the generated one).
+const TOKEN: &str = "local-test-token-0123456789";
+
+fn authed(token: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(h)
+        .build()
+        .unwrap()
+}
+
 async fn start(dir: &std::path::Path) -> String {
     let registry = orchestrator::registry().unwrap();
     let doc: Value = toml::from_str(&format!(
@@ -21,14 +36,23 @@ async fn start(dir: &std::path::Path) -> String {
         .engine(registry, Some(format!("http://{addr}/v1/notify")))
         .await
         .unwrap();
-    tokio::spawn(async move { axum::serve(listener, orchestrator::router(engine)).await });
+    let security = orchestrator::Security::loopback(orchestrator::ApiTokens::new().with(
+        "test",
+        TOKEN,
+        [orchestrator::Scope::Admin],
+    ));
+    tokio::spawn(
+        async move { axum::serve(listener, orchestrator::router(engine, security)).await },
+    );
     format!("http://{addr}")
 }
 
 async fn until_terminal(base: &str, id: u64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let v: Value = reqwest::get(format!("{base}/v1/executions/{id}"))
+        let v: Value = authed(TOKEN)
+            .get(format!("{base}/v1/executions/{id}"))
+            .send()
             .await
             .unwrap()
             .json()
@@ -47,7 +71,7 @@ async fn until_terminal(base: &str, id: u64) -> Value {
 async fn http_submit_runs_a_local_process_to_its_end() {
     let dir = tempfile::tempdir().unwrap();
     let base = start(dir.path()).await;
-    let http = reqwest::Client::new();
+    let http = authed(TOKEN);
     let submit = |body: Value| {
         let http = http.clone();
         let url = format!("{base}/v1/executions");
@@ -88,7 +112,9 @@ async fn http_submit_runs_a_local_process_to_its_end() {
     assert_eq!(st, 422, "{v}");
     assert_eq!(v["error"]["field"], "/payload/script", "{v}");
 
-    let page = reqwest::get(format!("{base}/"))
+    let page = authed(TOKEN)
+        .get(format!("{base}/"))
+        .send()
         .await
         .unwrap()
         .text()
@@ -109,7 +135,7 @@ async fn cancelling_a_retried_attempt_cancels_the_current_one() {
         "if [ -e {0} ]; then sleep 30; else touch {0}; exit 1; fi",
         m.display()
     );
-    let http = reqwest::Client::new();
+    let http = authed(TOKEN);
     let r = http
         .post(format!("{base}/v1/executions"))
         .json(&json!({"distributor": "local", "payload": {"script": script}, "retries": 1}))

@@ -9,6 +9,19 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+/// A client sending the API token (`token` in the test's server setup, or the generated one).
+fn authed(token: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(h)
+        .build()
+        .unwrap()
+}
+
 /// A running `orchestrator serve`; killed on drop.
 struct Server {
     child: Child,
@@ -20,6 +33,16 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+thread_local! {
+    static TOKEN_FILE: std::cell::RefCell<Option<std::path::PathBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The token the server generated in the test's state directory (set by `setup`).
+fn token(_base: &str) -> String {
+    let path = TOKEN_FILE.with(|t| t.borrow().clone()).expect("setup ran");
+    std::fs::read_to_string(path).unwrap().trim().to_owned()
 }
 
 fn start(config: &Path) -> Server {
@@ -50,7 +73,9 @@ fn start(config: &Path) -> Server {
 }
 
 async fn get(base: &str, id: u64) -> Value {
-    reqwest::get(format!("{base}/v1/executions/{id}"))
+    authed(&token(base))
+        .get(format!("{base}/v1/executions/{id}"))
+        .send()
         .await
         .unwrap()
         .json()
@@ -86,6 +111,7 @@ fn setup(dir: &Path) -> std::path::PathBuf {
         ),
     )
     .unwrap();
+    TOKEN_FILE.with(|t| *t.borrow_mut() = Some(dir.join("api-token")));
     config
 }
 
@@ -96,7 +122,7 @@ async fn submit_waiting_work(base: &str, dir: &Path) -> u64 {
         "echo started >> {d}/starts; while [ ! -e {d}/go ]; do sleep 0.05; done; \
          echo done > {d}/finished; exit 7"
     );
-    let r = reqwest::Client::new()
+    let r = authed(&token(base))
         .post(format!("{base}/v1/executions"))
         .json(&json!({"distributor": "local", "payload": {"script": script}}))
         .send()
