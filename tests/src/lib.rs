@@ -7,5 +7,5 @@
 use distributor_jobs as _;
 use distributor_local as _;
 use distributor_slurm as _;
-use distributor_switch as _;
 use distributor_swarming as _;
+use distributor_switch as _;
