@@ -6,6 +6,7 @@
 
 use distributor_jobs as _;
 use distributor_local as _;
+use distributor_nats as _;
 use distributor_slurm as _;
 use distributor_swarming as _;
 use distributor_switch as _;
