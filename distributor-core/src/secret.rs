@@ -119,6 +119,20 @@ impl Secret {
     }
 }
 
+impl From<String> for Secret {
+    /// A literal secret (tests and tools that build configs in code).
+    fn from(value: String) -> Self {
+        Self::Value(value)
+    }
+}
+
+impl From<&str> for Secret {
+    /// A literal secret (tests and tools that build configs in code).
+    fn from(value: &str) -> Self {
+        Self::Value(value.to_owned())
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -71,7 +71,7 @@ async fn bench(n: usize, workers: usize) {
         workers: (0..workers)
             .map(|i| WorkerCredential {
                 name: format!("w{i}"),
-                token: format!("token-{i}"),
+                token: format!("token-{i}").into(),
             })
             .collect(),
         database: dir.path().join("jobs.sqlite"),

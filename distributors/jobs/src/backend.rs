@@ -78,15 +78,21 @@ static SERVING: tokio::sync::Mutex<BTreeMap<PathBuf, Weak<Core>>> =
 
 fn settings(cfg: &JobsConfig, addr: SocketAddr) -> Result<Settings, JobsError> {
     let mut names = HashSet::new();
-    let mut tokens = HashSet::new();
-    for w in &cfg.workers {
+    let mut tokens = BTreeMap::new();
+    for (i, w) in cfg.workers.iter().enumerate() {
         if !names.insert(w.name.as_str()) {
             return Err(JobsError::Config(format!(
                 "worker `{}` is listed twice",
                 w.name
             )));
         }
-        if !tokens.insert(w.token.as_str()) {
+        let token = w.token.resolve().map_err(|e| {
+            JobsError::Config(format!("/workers/{i}/token (worker `{}`): {e}", w.name))
+        })?;
+        if tokens
+            .insert(token, Arc::<str>::from(w.name.as_str()))
+            .is_some()
+        {
             return Err(JobsError::Config(format!(
                 "worker `{}` shares its token with another worker",
                 w.name
@@ -101,11 +107,7 @@ fn settings(cfg: &JobsConfig, addr: SocketAddr) -> Result<Settings, JobsError> {
     Ok(Settings {
         lease_ms: cfg.lease_ms.max(1),
         long_poll: Duration::from_millis(cfg.long_poll_ms),
-        tokens: cfg
-            .workers
-            .iter()
-            .map(|w| (w.token.clone(), Arc::from(w.name.as_str())))
-            .collect(),
+        tokens: tokens.into_iter().collect(),
         public_url,
     })
 }
@@ -475,4 +477,76 @@ impl Distributor for JobsServer {
 
     // `recover` keeps the trait's default (ask `status`): the queue state is in SQLite and
     // reloaded at start, so recovering is reading it.
+}
+
+#[cfg(test)]
+mod tests {
+    use distributor_core::Secret;
+
+    use super::*;
+    use crate::config::WorkerCredential;
+
+    fn config(tokens: Vec<Secret>) -> JobsConfig {
+        JobsConfig {
+            listen: "127.0.0.1:0".into(),
+            workers: tokens
+                .into_iter()
+                .enumerate()
+                .map(|(i, token)| WorkerCredential {
+                    name: format!("w{i}"),
+                    token,
+                })
+                .collect(),
+            database: PathBuf::from("unused.sqlite"),
+            lease_ms: 1000,
+            max_reoffers: 1,
+            long_poll_ms: 1000,
+            public_url: None,
+        }
+    }
+
+    fn addr() -> SocketAddr {
+        "127.0.0.1:9".parse().unwrap()
+    }
+
+    #[test]
+    fn worker_tokens_are_read_from_files_and_literals() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "from-file\n").unwrap();
+        let s = settings(&config(vec![Secret::File(path), "literal".into()]), addr()).unwrap();
+        let mut tokens: Vec<(&str, &str)> =
+            s.tokens.iter().map(|(t, n)| (t.as_str(), &**n)).collect();
+        tokens.sort();
+        assert_eq!(tokens, [("from-file", "w0"), ("literal", "w1")]);
+    }
+
+    #[test]
+    fn an_unreadable_token_names_the_worker_and_field() {
+        let e = settings(
+            &config(vec![
+                "ok".into(),
+                Secret::Env("DISTRIBUTOR_JOBS_NO_SUCH_VAR".into()),
+            ]),
+            addr(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("/workers/1/token (worker `w1`)")
+                && e.contains("DISTRIBUTOR_JOBS_NO_SUCH_VAR"),
+            "{e}"
+        );
+        let e = settings(&config(vec!["same".into(), "same".into()]), addr())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shares its token"), "{e}");
+    }
+
+    #[test]
+    fn the_snapshot_of_a_config_holds_no_literal_token() {
+        let v = serde_json::to_value(config(vec!["s3cret".into()])).unwrap();
+        assert_eq!(v["workers"][0]["token"], json!({"redacted": true}));
+        assert!(!v.to_string().contains("s3cret"));
+    }
 }

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use distributor_core::Secret;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -49,9 +50,10 @@ pub struct WorkerCredential {
     /// The worker's name, shown on the status page; unique within the config.
     #[schemars(length(min = 1))]
     pub name: String,
-    /// Its bearer token. Treat as a secret; unique within the config.
-    #[schemars(length(min = 1))]
-    pub token: String,
+    /// Its bearer token, a [`Secret`]: `{"env": NAME}`, `{"file": PATH}` or, for tests, the
+    /// token itself (redacted from execution snapshots). Read when the server is built; unique
+    /// within the config.
+    pub token: Secret,
 }
 
 fn default_lease_ms() -> u64 {

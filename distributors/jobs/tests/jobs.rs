@@ -34,7 +34,7 @@ fn config(dir: &tempfile::TempDir, listen: &str, lease_ms: u64, max_reoffers: u3
             .into_iter()
             .map(|n| WorkerCredential {
                 name: n.into(),
-                token: format!("token-{n}"),
+                token: format!("token-{n}").into(),
             })
             .collect(),
         database: dir.path().join("jobs.sqlite"),

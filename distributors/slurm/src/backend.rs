@@ -403,7 +403,7 @@ mod tests {
     use distributor_core::{Attempt, AuthToken, ExecutionId, NotificationRoute, TaskId, Timeouts};
 
     use super::*;
-    use crate::config::{ApiVersion, TokenSource};
+    use crate::config::{ApiVersion, TokenSource, resolve_token};
 
     fn config() -> SlurmConfig {
         SlurmConfig {
@@ -560,24 +560,34 @@ mod tests {
     #[test]
     fn token_sources_resolve() {
         assert_eq!(
-            TokenSource::Value(" SLURM_JWT=abc\n".into())
-                .resolve()
-                .expect("value"),
+            resolve_token(&TokenSource::Value(" SLURM_JWT=abc\n".into())).expect("value"),
             "abc"
         );
+        let e = resolve_token(&TokenSource::Env("DISTRIBUTOR_SLURM_NO_SUCH_VAR".into()))
+            .expect_err("no such variable");
         assert!(
-            TokenSource::Env("DISTRIBUTOR_SLURM_NO_SUCH_VAR".into())
-                .resolve()
-                .is_err()
+            e.to_string().contains("DISTRIBUTOR_SLURM_NO_SUCH_VAR"),
+            "{e}"
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let f = dir.path().join("jwt");
         std::fs::write(&f, "SLURM_JWT=xyz\n").expect("write");
-        assert_eq!(TokenSource::File(f).resolve().expect("file"), "xyz");
-        assert!(TokenSource::Value("  ".into()).resolve().is_err());
+        assert_eq!(resolve_token(&TokenSource::File(f)).expect("file"), "xyz");
+        assert!(resolve_token(&TokenSource::Value("  ".into())).is_err());
         assert_eq!(
             format!("{:?}", TokenSource::Value("secret".into())),
-            "Value(..)"
+            "Secret::Value(<redacted>)"
         );
+    }
+
+    #[test]
+    fn the_token_is_redacted_from_the_serialized_config() {
+        let mut c = config();
+        c.token = TokenSource::Value("jwt-literal".into());
+        let v = serde_json::to_value(&c).expect("serialize");
+        assert_eq!(v["token"], serde_json::json!({"redacted": true}));
+        c.token = TokenSource::Env("SLURM_JWT".into());
+        let v = serde_json::to_value(&c).expect("serialize");
+        assert_eq!(v["token"], serde_json::json!({"env": "SLURM_JWT"}));
     }
 }

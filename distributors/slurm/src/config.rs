@@ -2,11 +2,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use distributor_core::reexports::async_trait;
-use distributor_core::{BuildContext, Distributor, Error, KindConfig, Result};
+use distributor_core::{BuildContext, Distributor, Error, KindConfig, Result, Secret};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use url::Url;
@@ -28,8 +27,8 @@ pub struct SlurmConfig {
     /// The Slurm user the JWT belongs to (sent as `X-SLURM-USER-NAME`). Jobs run as this user.
     /// MUST NOT be root: slurmrestd rejects root tokens.
     pub user: String,
-    /// Where the JWT comes from (sent as `X-SLURM-USER-TOKEN`).
-    pub token: TokenSource,
+    /// Where the JWT comes from (sent as `X-SLURM-USER-TOKEN`): a [`Secret`].
+    pub token: Secret,
     /// The slurmrestd OpenAPI version to speak.
     #[serde(default)]
     pub api_version: ApiVersion,
@@ -69,49 +68,28 @@ fn default_request_timeout_secs() -> u64 {
     30
 }
 
-/// Where the JWT for slurmrestd comes from. Exactly one key.
-#[derive(Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum TokenSource {
-    /// The token itself (discouraged outside tests: it ends up in config files).
-    Value(String),
-    /// The name of an environment variable holding the token, e.g. `SLURM_JWT`.
-    Env(String),
-    /// A file holding the token (surrounding whitespace is ignored, a `SLURM_JWT=` prefix as
-    /// printed by `scontrol token` is stripped). Re-read when slurmrestd answers 401, so a token
-    /// can be rotated without a restart.
-    File(PathBuf),
-}
+/// Where the JWT for slurmrestd comes from: a [`Secret`] (`{"env": "SLURM_JWT"}`,
+/// `{"file": "/run/secrets/slurm-jwt"}`, or the token itself for tests, which is redacted from
+/// execution snapshots). A file is re-read when slurmrestd answers 401, so a token can be
+/// rotated without a restart.
+pub type TokenSource = Secret;
 
-impl fmt::Debug for TokenSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Value(_) => f.write_str("Value(..)"),
-            Self::Env(v) => f.debug_tuple("Env").field(v).finish(),
-            Self::File(p) => f.debug_tuple("File").field(p).finish(),
-        }
+/// Reads the token from `source`: surrounding whitespace is ignored and a `SLURM_JWT=` prefix,
+/// as printed by `scontrol token`, is stripped. Errors are permanent: the config cannot work as
+/// it stands.
+pub(crate) fn resolve_token(source: &Secret) -> Result<String> {
+    let raw = source
+        .resolve()
+        .map_err(|e| Error::permanent(format!("slurm token: {e}")))?;
+    let token = raw.trim();
+    let token = token.strip_prefix("SLURM_JWT=").unwrap_or(token);
+    if token.is_empty() {
+        return Err(Error::permanent(format!(
+            "slurm token: {} is empty",
+            source.describe()
+        )));
     }
-}
-
-impl TokenSource {
-    /// Reads the token. Errors are permanent: the config cannot work as it stands.
-    pub(crate) fn resolve(&self) -> Result<String> {
-        let raw = match self {
-            Self::Value(v) => v.clone(),
-            Self::Env(name) => std::env::var(name).map_err(|e| {
-                Error::permanent_from(format!("slurm token: environment variable `{name}`"), e)
-            })?,
-            Self::File(path) => std::fs::read_to_string(path).map_err(|e| {
-                Error::permanent_from(format!("slurm token: reading `{}`", path.display()), e)
-            })?,
-        };
-        let token = raw.trim();
-        let token = token.strip_prefix("SLURM_JWT=").unwrap_or(token);
-        if token.is_empty() {
-            return Err(Error::permanent("slurm token is empty"));
-        }
-        Ok(token.to_owned())
-    }
+    Ok(token.to_owned())
 }
 
 /// The slurmrestd OpenAPI version spoken. Each version's request and response mapping lives in

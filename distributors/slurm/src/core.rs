@@ -8,7 +8,7 @@ use distributor_core::{Error, Result};
 use reqwest::{Method, StatusCode};
 
 use crate::api::{RestApi, for_version};
-use crate::config::{SlurmConfig, TokenSource};
+use crate::config::{SlurmConfig, TokenSource, resolve_token};
 use crate::error::{Class, Failure, SlurmError, TransportKind};
 use crate::job::{JobId, JobInfo, JobSpec};
 
@@ -27,7 +27,7 @@ pub(crate) struct Client {
 impl Client {
     /// Builds a client; reads the token now. Errors are permanent (bad token source).
     pub(crate) fn new(config: &SlurmConfig) -> Result<Self> {
-        let token = config.token.resolve()?;
+        let token = resolve_token(&config.token)?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(config.request_timeout_secs))
             .connect_timeout(Duration::from_secs(5))
@@ -57,7 +57,7 @@ impl Client {
 
     /// Re-reads the token from its source; true if it changed.
     fn reload_token(&self) -> bool {
-        let Ok(fresh) = self.token_source.resolve() else {
+        let Ok(fresh) = resolve_token(&self.token_source) else {
             return false;
         };
         let mut t = match self.token.write() {

@@ -6,7 +6,7 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::harness::{CaseResult, Harness, execution_of};
+use super::harness::{CaseResult, Harness, PushEvent, Via, execution_of};
 use crate::error::Result as CoreResult;
 use crate::types::{AbnormalKind, Capabilities, Execution, Notification, Outcome, Status};
 
@@ -77,6 +77,9 @@ pub(super) const CASES: &[Case] = &[
     }),
     case("cancel_running_ends_cancelled", Needs::Cancel, |h| {
         Box::pin(cancel_running_ends_cancelled(h))
+    }),
+    case("status_never_goes_backwards", Needs::Nothing, |h| {
+        Box::pin(status_never_goes_backwards(h))
     }),
     case("status_unknown_is_missing", Needs::Nothing, |h| {
         Box::pin(status_unknown_is_missing(h))
@@ -246,6 +249,18 @@ async fn cancel_running_ends_cancelled(h: &Harness) -> CaseResult {
     .await;
     h.clean_up(&e).await;
     result
+}
+
+/// "A status MUST never move back": polled from `run` to the end, the `succeeds` payload's
+/// status only moves forward (Pending → Running → Finished), and stays Finished. (Every other
+/// case checks the same of every status it sees; this one polls a whole run for it.)
+async fn status_never_goes_backwards(h: &Harness) -> CaseResult {
+    let e = h.start(&h.shared.payloads.succeeds).await?;
+    h.wait_finished(&e).await?;
+    for _ in 0..3 {
+        h.status(&e).await?;
+    }
+    Ok(())
 }
 
 /// "Work the backend does not know (any more) MUST be reported as
@@ -441,6 +456,7 @@ async fn status_batch_matches_status(h: &Harness) -> CaseResult {
         for (i, (e, from_batch)) in inputs.iter().zip(batch).enumerate() {
             let from_batch = from_batch
                 .map_err(|err| format!("status_batch[{i}] (token {}) failed: {err}", e.token))?;
+            h.observe(e, &format!("status_batch[{i}]"), &from_batch)?;
             let single = h.status(e).await?;
             if shape(&from_batch) != shape(&single) {
                 return Err(format!(
@@ -458,40 +474,79 @@ async fn status_batch_matches_status(h: &Harness) -> CaseResult {
 
 /// "`Capabilities::push_notifications`: the backend pushes notifications", which "MUST carry
 /// the execution's `auth_token` attribute", and `handle_notification` turns them into a status.
+/// A push may come either way an adapter can send one: through the build context's
+/// [`Notifier`](crate::Notifier), or POSTed in the [HTTP push format](crate::push) to the
+/// task's notification target (the harness serves one on loopback, unless
+/// [`Suite::http_notifications`](super::Suite::http_notifications) is off).
 async fn push_notifications_arrive(h: &Harness) -> CaseResult {
     let task = h.task(&h.shared.payloads.succeeds);
     let e = h.run(&task).await?;
-    let deadline = Instant::now() + h.timeout();
+    let started = Instant::now();
+    let deadline = started + h.timeout();
     let d = h.d()?;
     let mut seen = Vec::new();
-    while let Some((id, mut n)) = h.next_push(deadline).await {
+    let ended = loop {
+        let (via, id, mut n) = match h.next_push(deadline).await {
+            PushEvent::Push(via, id, n) => (via, id, n),
+            PushEvent::Refused(why) => {
+                seen.push(format!("a request the HTTP endpoint refused ({why})"));
+                continue;
+            }
+            PushEvent::TimedOut => break format!("within {:?}", h.timeout()),
+            PushEvent::Closed => {
+                break format!(
+                    "before every notifier of the instance was dropped, {:?} after run (the \
+                     adapter keeps no Notifier from its BuildContext, and no HTTP endpoint is \
+                     served)",
+                    started.elapsed()
+                );
+            }
+        };
+        let path = match via {
+            Via::Notifier => "through the notifier",
+            Via::Http => "over HTTP",
+        };
         if id != e.id {
-            seen.push(format!("a push for another execution {id}"));
+            seen.push(format!("a push {path} for another execution {id}"));
             continue;
         }
         match n.attributes.remove("auth_token") {
             Some(t) if t == task.notify.auth_token.0 => {}
-            Some(_) => return Err("a push carried the wrong auth_token attribute".into()),
-            None => return Err("a push carried no auth_token attribute".into()),
+            Some(_) => {
+                return Err(format!(
+                    "a push {path} carried the wrong auth_token attribute"
+                ));
+            }
+            None => return Err(format!("a push {path} carried no auth_token attribute")),
         }
         match h
             .call("handle_notification", d.handle_notification(&e, &n))
             .await?
         {
             Ok(Some(_)) => return Ok(()),
-            Ok(None) => seen.push("a push handle_notification ignored".into()),
-            Err(err) if err.is_transient() => seen.push(format!("a transient error: {err}")),
+            Ok(None) => seen.push(format!("a push {path} handle_notification ignored")),
+            Err(err) if err.is_transient() => {
+                seen.push(format!("a push {path} gave a transient error: {err}"))
+            }
             Err(err) => {
                 return Err(format!(
-                    "handle_notification refused an authentic push: {err}"
+                    "handle_notification refused an authentic push ({path}): {err}"
                 ));
             }
         }
-    }
+    };
+    let target = match h.notify_target() {
+        Some(url) => format!("; the task's notification target was {url}"),
+        None => "; the task had no notification target".into(),
+    };
+    let dropped = if h.notifier_dropped() {
+        "; every Notifier of the instance was dropped"
+    } else {
+        ""
+    };
     Err(format!(
-        "no push for {} became a status within {:?} (seen: {})",
+        "no push for {} became a status {ended} (seen: {}){target}{dropped}",
         e.id,
-        h.timeout(),
         if seen.is_empty() {
             "nothing".into()
         } else {
@@ -512,6 +567,7 @@ async fn recover_reports_status(h: &Harness) -> CaseResult {
     let d = h.d()?;
     let result = async {
         let s = h.patiently("recover", || d.recover(&done)).await?;
+        h.observe(&done, "recover", &s)?;
         let expected = Status::Finished(outcome);
         if shape(&s) != shape(&expected) {
             return Err(format!(
@@ -519,6 +575,7 @@ async fn recover_reports_status(h: &Harness) -> CaseResult {
             ));
         }
         let s = h.patiently("recover", || d.recover(&long)).await?;
+        h.observe(&long, "recover", &s)?;
         if !unfinished(&s) {
             return Err(format!(
                 "recover of `runs_long` work reported {s:?}, expected Pending or Running"

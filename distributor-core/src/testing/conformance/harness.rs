@@ -1,6 +1,7 @@
 //! One trial's view of the adapter under test: an instance built on the trial's runtime, the
 //! pushes it sends, and patient helpers (retry transient errors, poll until a deadline).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +14,7 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::time::Instant;
 
 use super::Shared;
+use super::endpoint::{Endpoint, Received};
 use crate::distributor::Distributor;
 use crate::error::Result as CoreResult;
 use crate::registry::{BuildContext, DeferredQueue, Instance, Notifier};
@@ -28,12 +30,58 @@ pub(super) type CaseResult = Result<(), String>;
 
 type Pushes = UnboundedReceiver<(ExecutionId, Notification)>;
 
+/// How a push reached the harness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Via {
+    /// Through the build context's [`Notifier`] (in-process).
+    Notifier,
+    /// POSTed to the HTTP notification target.
+    Http,
+}
+
+/// What [`Harness::next_push`] saw.
+#[derive(Debug)]
+pub(super) enum PushEvent {
+    /// A push about `ExecutionId`.
+    Push(Via, ExecutionId, Notification),
+    /// The HTTP endpoint refused a request (described).
+    Refused(String),
+    /// The deadline passed.
+    TimedOut,
+    /// Nothing can arrive any more: the adapter dropped its notifier and no HTTP endpoint runs.
+    Closed,
+}
+
+/// How far along a status is: it MUST never decrease for one execution.
+fn rank(s: &Status) -> u8 {
+    match s {
+        Status::Pending => 0,
+        Status::Running => 1,
+        Status::Finished(_) => 2,
+    }
+}
+
+fn phase(s: &Status) -> &'static str {
+    match s {
+        Status::Pending => "Pending",
+        Status::Running => "Running",
+        Status::Finished(_) => "Finished",
+    }
+}
+
 /// The adapter under test, as one trial sees it.
 pub(super) struct Harness {
     pub(super) shared: Arc<Shared>,
     /// `None` only between dropping the old instance and building the new one in `restart`.
     instance: Mutex<Option<Instance>>,
     pushes: tokio::sync::Mutex<Pushes>,
+    /// Whether the notifier channel of the current instance was seen closed.
+    notifier_closed: Mutex<bool>,
+    /// The HTTP notification endpoint, when the suite hands one out.
+    endpoint: Option<Endpoint>,
+    http: tokio::sync::Mutex<UnboundedReceiver<Received>>,
+    /// The furthest status seen per execution (from `status`, `status_batch`, `recover`).
+    furthest: Mutex<HashMap<ExecutionId, Status>>,
     /// The instance's durable state, kept across [`restart`](Self::restart) as an engine's store
     /// would keep it.
     state: InstanceState,
@@ -56,11 +104,21 @@ impl Harness {
     /// Builds an instance of the kind under test on the current runtime.
     pub(super) async fn build(shared: Arc<Shared>) -> Result<Self, String> {
         let state = InstanceState::in_memory("conformance");
+        let (http_tx, http_rx) = mpsc::unbounded_channel();
+        let endpoint = if shared.http_notifications {
+            Some(Endpoint::start(http_tx).await?)
+        } else {
+            None
+        };
         let (instance, pushes) = Self::build_instance(&shared, &state).await?;
         Ok(Self {
             shared,
             instance: Mutex::new(Some(instance)),
             pushes: tokio::sync::Mutex::new(pushes),
+            notifier_closed: Mutex::new(false),
+            endpoint,
+            http: tokio::sync::Mutex::new(http_rx),
+            furthest: Mutex::new(HashMap::new()),
             state,
         })
     }
@@ -110,6 +168,7 @@ impl Harness {
             .map_err(|e| format!("after a restart: {e}"))?;
         *lock(&self.instance) = Some(instance);
         *self.pushes.lock().await = pushes;
+        *lock(&self.notifier_closed) = false;
         Ok(())
     }
 
@@ -148,7 +207,7 @@ impl Harness {
             payload: payload.clone(),
             previous: None,
             notify: NotificationRoute {
-                target: None,
+                target: self.notify_target().map(str::to_owned),
                 auth_token: AuthToken(format!("conformance-{}", uuid::Uuid::new_v4())),
             },
             timeouts: Default::default(),
@@ -227,10 +286,37 @@ impl Harness {
         self.run(&self.task(payload)).await
     }
 
+    /// The URL of the HTTP notification endpoint handed to tasks, if the suite serves one.
+    pub(super) fn notify_target(&self) -> Option<&str> {
+        self.endpoint.as_ref().map(Endpoint::url)
+    }
+
+    /// Records `s` as seen for `e` by `what`; fails if it is behind a status seen before
+    /// (Running after Finished, Pending after Running): the engine's states only move forward.
+    pub(super) fn observe(&self, e: &Execution, what: &str, s: &Status) -> CaseResult {
+        let mut furthest = lock(&self.furthest);
+        match furthest.get(&e.id) {
+            Some(before) if rank(s) < rank(before) => Err(format!(
+                "{what} of {} (token {}) went backwards: {} after {before:?}; a status MUST \
+                 never move back (Pending → Running → Finished)",
+                e.id,
+                e.token,
+                phase(s)
+            )),
+            Some(before) if rank(s) == rank(before) => Ok(()),
+            _ => {
+                furthest.insert(e.id, s.clone());
+                Ok(())
+            }
+        }
+    }
+
     /// `status` once (retrying transient errors).
     pub(super) async fn status(&self, e: &Execution) -> Result<Status, String> {
         let d = self.d()?;
-        self.patiently("status", || d.status(e)).await
+        let s = self.patiently("status", || d.status(e)).await?;
+        self.observe(e, "status", &s)?;
+        Ok(s)
     }
 
     /// `cancel` (retrying transient errors): `Ok(())` or the failure.
@@ -251,8 +337,13 @@ impl Harness {
         let d = self.d()?;
         loop {
             let last = match self.call("status", d.status(e)).await? {
-                Ok(s) if done(&s) => return Ok(s),
-                Ok(s) => format!("{s:?}"),
+                Ok(s) => {
+                    self.observe(e, "status", &s)?;
+                    if done(&s) {
+                        return Ok(s);
+                    }
+                    format!("{s:?}")
+                }
                 Err(err) if err.is_transient() => format!("transient error: {err}"),
                 Err(err) => return Err(format!("status failed permanently: {err}")),
             };
@@ -279,13 +370,42 @@ impl Harness {
         }
     }
 
-    /// The next push, within what is left of `deadline`.
-    pub(super) async fn next_push(&self, deadline: Instant) -> Option<(ExecutionId, Notification)> {
+    /// The next push through either path (the notifier, the HTTP endpoint), or a refused
+    /// HTTP request, within what is left of `deadline`.
+    pub(super) async fn next_push(&self, deadline: Instant) -> PushEvent {
         let mut rx = self.pushes.lock().await;
-        tokio::time::timeout_at(deadline, rx.recv())
-            .await
-            .ok()
-            .flatten()
+        let mut http = self.http.lock().await;
+        loop {
+            let notifier_open = !*lock(&self.notifier_closed);
+            if !notifier_open && self.endpoint.is_none() {
+                return PushEvent::Closed;
+            }
+            let got = tokio::time::timeout_at(deadline, async {
+                tokio::select! {
+                    n = rx.recv(), if notifier_open => Some(n.map(|(id, n)| PushEvent::Push(Via::Notifier, id, n))),
+                    r = http.recv() => match r {
+                        Some(Received::Push(id, n)) => Some(Some(PushEvent::Push(Via::Http, id, n))),
+                        Some(Received::Refused(why)) => Some(Some(PushEvent::Refused(why))),
+                        None => None,
+                    },
+                }
+            })
+            .await;
+            match got {
+                Err(_) => return PushEvent::TimedOut,
+                Ok(Some(Some(event))) => return event,
+                // The notifier channel closed: every sender (the build context's notifier and
+                // the deferred driver) is gone. Keep waiting for HTTP pushes, if any can come.
+                Ok(Some(None)) => *lock(&self.notifier_closed) = true,
+                Ok(None) => return PushEvent::Closed,
+            }
+        }
+    }
+
+    /// Whether the adapter dropped every [`Notifier`] of the current instance (seen by
+    /// [`next_push`](Self::next_push)).
+    pub(super) fn notifier_dropped(&self) -> bool {
+        *lock(&self.notifier_closed)
     }
 
     /// Best-effort stop of long work a case started, so that it does not outlive the suite.

@@ -53,12 +53,13 @@
 //! | `cancel_unknown_is_ok` | cancelling tokens the backend never issued is `Ok` |
 //! | `cancel_finished_is_ok` | cancelling finished work is `Ok` and it stays finished |
 //! | `cancel_running_ends_cancelled` | (capability `cancel`) cancelled `runs_long` work reaches `Finished(Abnormal Cancelled)` |
+//! | `status_never_goes_backwards` | a run's status, polled to the end, only moves forward (Pending → Running → Finished) and stays Finished; every other case checks every status it sees the same way |
 //! | `status_unknown_is_missing` | tokens never issued are `Finished(Abnormal Missing)`, not errors |
 //! | `info_url_is_pure` | the same answer twice, no panic, for real and unknown tokens |
 //! | `handle_notification_survives_garbage` | garbage gives `Ok(_)` or a permanent error, never a panic or a transient error |
 //! | `validate_rejects_bad_payloads` | each invalid payload is refused with a violation at its pointer; the others pass |
 //! | `status_batch_matches_status` | one result per input, in order, agreeing with `status` |
-//! | `push_notifications_arrive` | (capability `push_notifications`) a push reaches the build context's notifier with the execution's `auth_token`, and `handle_notification` makes it a status |
+//! | `push_notifications_arrive` | (capability `push_notifications`) a push with the execution's `auth_token` arrives, through the build context's notifier or POSTed to the task's HTTP notification target, and `handle_notification` makes it a status |
 //! | `recover_reports_status` | (capability `recover`) after a rebuilt instance, `recover` reports finished work's outcome and long work as unfinished |
 //!
 //! A case whose capability the adapter does not declare (or that needs `Payloads::fails` when
@@ -68,6 +69,18 @@
 //! every case is listed and such a case reports itself ignored as not applicable when it runs.
 //!
 //! Long work started by a case is cancelled at its end when the adapter can cancel.
+//!
+//! # Notifications
+//!
+//! Each trial serves an HTTP notification endpoint on `127.0.0.1` (a port of its own) and
+//! hands its URL to every task as [`NotificationRoute::target`](crate::NotificationRoute), the
+//! way an engine built with [`notify_target`](crate::EngineBuilder::notify_target) does. It
+//! accepts exactly what the [HTTP push format](crate::push) specifies, at exactly that URL,
+//! and answers as an embedder does (200, or 400 naming the field, 401 without `auth_token`,
+//! 404 for another path); what it refuses is named in `push_notifications_arrive`'s failure
+//! message. An adapter may push either way: in process through
+//! [`BuildContext::notifier`](crate::BuildContext), or by having its backend POST to the
+//! target. [`Suite::http_notifications`]`(false)` hands out no target.
 //!
 //! # Unreachable backends
 //!
@@ -101,6 +114,7 @@ use crate::registry::{Kind, KindConfig, Registry};
 use crate::types::RequestId;
 
 mod cases;
+mod endpoint;
 mod harness;
 
 use cases::{CASES, Case};
@@ -138,6 +152,7 @@ pub struct Suite {
     setup: Option<Setup>,
     count_starts: Option<CountStarts>,
     test_threads: Option<usize>,
+    http_notifications: bool,
 }
 
 impl fmt::Debug for Suite {
@@ -175,6 +190,7 @@ impl Suite {
             setup: None,
             count_starts: None,
             test_threads: None,
+            http_notifications: true,
         }
     }
 
@@ -243,6 +259,18 @@ impl Suite {
     /// address) sets 1.
     pub fn test_threads(mut self, threads: usize) -> Self {
         self.test_threads = Some(threads.max(1));
+        self
+    }
+
+    /// Whether each trial serves an HTTP notification endpoint on a loopback port and hands its
+    /// URL to every task as [`NotificationRoute::target`](crate::NotificationRoute), as an
+    /// engine with [`EngineBuilder::notify_target`](crate::EngineBuilder::notify_target) does
+    /// (default `true`). Pushes POSTed there in the [HTTP push format](crate::push) count for
+    /// `push_notifications_arrive` like pushes through the notifier. Turn it off for an adapter
+    /// that reads the target as something else (a message-bus subject) and is tested with
+    /// its own.
+    pub fn http_notifications(mut self, on: bool) -> Self {
+        self.http_notifications = on;
         self
     }
 
@@ -323,6 +351,7 @@ impl Suite {
             setup: Mutex::new(self.setup),
             setup_done: OnceLock::new(),
             count_starts: self.count_starts,
+            http_notifications: self.http_notifications,
         })
     }
 
@@ -365,6 +394,8 @@ struct Shared {
     setup: Mutex<Option<Setup>>,
     setup_done: OnceLock<Result<SetupRuntime, String>>,
     count_starts: Option<CountStarts>,
+    /// Serve an HTTP notification endpoint per trial.
+    http_notifications: bool,
 }
 
 /// The runtime the setup hook ran on, kept alive for the tasks it spawned.

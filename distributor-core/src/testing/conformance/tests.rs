@@ -17,7 +17,7 @@ use crate::error::{Error, Result, ValidationError};
 use crate::registry::{BuildContext, Notifier};
 use crate::testing::{FakeConfig, FakeDistributor, FakeScript};
 use crate::types::{
-    Capabilities, Execution, Launch, Notification, RequestId, Status, TaskDescription,
+    AuthToken, Capabilities, Execution, Launch, Notification, RequestId, Status, TaskDescription,
 };
 
 /// One way to break the contract.
@@ -46,6 +46,45 @@ enum Flaw {
     ValidatesNothing,
     /// Honest, but two instances cannot be alive at once (like one binding a fixed address).
     Exclusive,
+    /// Honest, but its pushes are POSTed to the task's notification target in the HTTP push
+    /// format instead of going through the notifier (a backend that calls back).
+    PushOverHttp,
+    /// Pushes are POSTed with the execution id under the wrong name (`executionId`).
+    PushOverHttpMisnamed,
+    /// Keeps no notifier (and no HTTP target is handed out): nothing can ever arrive.
+    DropsNotifier,
+    /// Once work runs, every other `status` says Pending again.
+    StatusGoesBackwards,
+}
+
+/// Notification targets by execution, as `run` saw them (for [`Flaw::PushOverHttp`]).
+type Targets = Arc<std::sync::Mutex<std::collections::HashMap<ExecutionId, String>>>;
+
+/// POSTs `body` to `url` over a plain HTTP/1.1 connection and returns the status code.
+async fn post(url: &str, body: &[u8]) -> std::io::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let u = url::Url::parse(url).map_err(std::io::Error::other)?;
+    let host = format!(
+        "{}:{}",
+        u.host_str().unwrap_or("127.0.0.1"),
+        u.port().unwrap_or(80)
+    );
+    let mut s = tokio::net::TcpStream::connect(&host).await?;
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        u.path(),
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(body).await?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).await?;
+    let line = String::from_utf8_lossy(&resp);
+    line.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line in {line:?}")))
 }
 
 /// Live `Exclusive` instances.
@@ -66,6 +105,35 @@ impl KindConfig for FlawedConfig {
 
     async fn build(self, ctx: BuildContext) -> Result<Arc<dyn Distributor>> {
         let mut inner_ctx = ctx.clone();
+        let targets = Targets::default();
+        if matches!(self.flaw, Flaw::PushOverHttp | Flaw::PushOverHttpMisnamed) {
+            let (tx, mut rx) = mpsc::unbounded_channel::<(ExecutionId, Notification)>();
+            let targets = Arc::clone(&targets);
+            let misnamed = self.flaw == Flaw::PushOverHttpMisnamed;
+            tokio::spawn(async move {
+                while let Some((id, n)) = rx.recv().await {
+                    let Some(url) = targets.lock().unwrap().get(&id).cloned() else {
+                        continue;
+                    };
+                    let token = AuthToken(n.attributes["auth_token"].clone());
+                    let data: Value = serde_json::from_slice(&n.data).unwrap_or(Value::Null);
+                    let mut push = crate::push::HttpPush::new(id, &token, data);
+                    push.sequence = n.sequence;
+                    let mut body = serde_json::to_value(&push).unwrap();
+                    if misnamed {
+                        let id = body["execution_id"].take();
+                        body.as_object_mut().unwrap().remove("execution_id");
+                        body["executionId"] = id;
+                    }
+                    let _ = post(&url, body.to_string().as_bytes()).await;
+                }
+            });
+            inner_ctx.notifier = Notifier::new(tx);
+        }
+        if self.flaw == Flaw::DropsNotifier {
+            inner_ctx.notifier = Notifier::detached();
+            inner_ctx.deferred = crate::registry::DeferredQueue::detached();
+        }
         if self.flaw == Flaw::PushWithoutAuth {
             let (tx, mut rx) = mpsc::unbounded_channel::<(ExecutionId, Notification)>();
             let outer = ctx.notifier.clone();
@@ -89,6 +157,7 @@ impl KindConfig for FlawedConfig {
             fake: FakeDistributor::new(config, inner_ctx),
             flaw: self.flaw,
             calls: AtomicU64::new(0),
+            targets,
         }))
     }
 }
@@ -100,6 +169,7 @@ struct Flawed {
     fake: FakeDistributor,
     flaw: Flaw,
     calls: AtomicU64,
+    targets: Targets,
 }
 
 impl Drop for Flawed {
@@ -127,6 +197,12 @@ impl Distributor for Flawed {
             fresh.request_id = RequestId::random();
             return self.fake.run(&fresh).await;
         }
+        if let Some(t) = &task.notify.target {
+            self.targets
+                .lock()
+                .unwrap()
+                .insert(task.execution_id, t.clone());
+        }
         self.fake.run(task).await
     }
 
@@ -144,7 +220,14 @@ impl Distributor for Flawed {
         if self.is(Flaw::UnknownStatusIsError) && self.unknown(e) {
             return Err(Error::permanent("no such job"));
         }
-        self.fake.status(e).await
+        let s = self.fake.status(e).await?;
+        if self.is(Flaw::StatusGoesBackwards)
+            && s == Status::Running
+            && self.calls.fetch_add(1, Ordering::Relaxed) % 2 == 1
+        {
+            return Ok(Status::Pending);
+        }
+        Ok(s)
     }
 
     async fn status_batch(&self, executions: &[Execution]) -> Vec<Result<Status>> {
@@ -271,12 +354,65 @@ fn each_flaw_fails_the_cases_that_check_it() {
         (Flaw::ImpureInfoUrl, &["info_url_is_pure"]),
         (Flaw::BatchReversed, &["status_batch_matches_status"]),
         (Flaw::PushWithoutAuth, &["push_notifications_arrive"]),
+        (Flaw::PushOverHttpMisnamed, &["push_notifications_arrive"]),
+        (Flaw::DropsNotifier, &["push_notifications_arrive"]),
         (Flaw::ValidatesNothing, &["validate_rejects_bad_payloads"]),
     ];
     for (flaw, cases) in expect {
         let (failed, _) = outcomes(suite(*flaw));
         let want: BTreeSet<&str> = cases.iter().copied().collect();
         assert_eq!(failed_names(&failed), want, "{flaw:?}: {failed:#?}");
+    }
+}
+
+#[test]
+fn pushes_over_http_to_the_notification_target_pass() {
+    let (failed, ignored) = outcomes(suite(Flaw::PushOverHttp));
+    assert!(failed.is_empty(), "{failed:#?}");
+    assert!(ignored.is_empty(), "{ignored:?}");
+}
+
+#[test]
+fn http_push_failures_say_what_the_endpoint_refused() {
+    let (failed, _) = outcomes(suite(Flaw::PushOverHttpMisnamed));
+    let msg = &failed[0].1;
+    assert!(
+        msg.contains("refused (400: invalid push body at `/executionId`: unknown field"),
+        "{msg}"
+    );
+    assert!(msg.contains("http://127.0.0.1:"), "{msg}");
+}
+
+#[test]
+fn a_closed_notifier_is_reported_as_such_not_as_a_timeout() {
+    let (failed, _) = outcomes(suite(Flaw::DropsNotifier).http_notifications(false));
+    let msg = &failed
+        .iter()
+        .find(|(n, _)| *n == "push_notifications_arrive")
+        .expect("the push case fails")
+        .1;
+    assert!(msg.contains("keeps no Notifier"), "{msg}");
+    assert!(msg.contains("had no notification target"), "{msg}");
+    assert!(!msg.contains("within 1.5s"), "{msg}");
+    // With the HTTP endpoint served, the case waits for it until the deadline and says so.
+    let (failed, _) = outcomes(suite(Flaw::DropsNotifier));
+    let msg = &failed[0].1;
+    assert!(
+        msg.contains("within 1.5s") && msg.contains("every Notifier"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_status_going_backwards_fails() {
+    let (failed, _) = outcomes(suite(Flaw::StatusGoesBackwards));
+    let names = failed_names(&failed);
+    assert!(names.contains("status_never_goes_backwards"), "{failed:#?}");
+    for (name, msg) in &failed {
+        assert!(
+            msg.contains("went backwards: Pending after Running"),
+            "{name}: {msg}"
+        );
     }
 }
 
