@@ -18,14 +18,18 @@ use crate::error::ApiFailure;
 use crate::page;
 use crate::queue::{Effects, Queue, Refusal};
 use crate::wire::{
-    ActivateRequest, ClaimRequest, ClaimResponse, CompleteRequest, ErrorCode, ErrorRequest,
-    FinalReply, HeartbeatRequest, LeaseReply, ReleaseRequest, UpdateRequest,
+    ActivateRequest, ClaimManyRequest, ClaimManyResponse, ClaimRequest, ClaimResponse, ClaimedJob,
+    CompleteItem, CompleteManyRequest, CompleteManyResponse, CompleteRequest, Disposition,
+    ErrorCode, ErrorRequest, FinalReply, HeartbeatRequest, ItemReply, LeaseReply, MAX_BATCH,
+    ReleaseRequest, UpdateRequest,
 };
 
 /// The API's routes.
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/claim", post(claim))
+        .route("/v1/claims", post(claim_many))
+        .route("/v1/complete", post(complete_many))
         .route("/v1/jobs/{id}/claim", post(activate))
         .route("/v1/jobs/{id}/heartbeat", post(heartbeat))
         .route("/v1/jobs/{id}/update", post(update))
@@ -205,6 +209,165 @@ async fn claim(
             _ = shutdown.changed() => {}
         }
     }
+}
+
+/// `POST /v1/claims`: completes the results it carries, then hands out up to `max` jobs (long
+/// poll until the first one).
+async fn claim_many(
+    State(shared): State<Arc<Shared>>,
+    AuthWorker(worker): AuthWorker,
+    Body(req): Body<ClaimManyRequest>,
+) -> Result<axum::Json<ClaimManyResponse>, ApiFailure> {
+    if req.task_types.is_empty() {
+        return Err(invalid("`task_types` must name at least one task type"));
+    }
+    if req.capacity == 0 {
+        return Err(invalid("`capacity` must be at least 1"));
+    }
+    let max = req.max.unwrap_or(req.capacity);
+    if max == 0 || usize::try_from(max).map_or(true, |m| m > MAX_BATCH) {
+        return Err(invalid(format!(
+            "`max` must be within 1..={MAX_BATCH}, got {max}"
+        )));
+    }
+    if req.complete.len() > MAX_BATCH {
+        return Err(invalid(format!(
+            "`complete` carries {} results, at most {MAX_BATCH} are allowed",
+            req.complete.len()
+        )));
+    }
+    let wait = req
+        .wait_ms
+        .map(std::time::Duration::from_millis)
+        .map_or(shared.settings.long_poll, |w| {
+            w.min(shared.settings.long_poll)
+        });
+    let deadline = Instant::now() + wait;
+    let mut shutdown = shared.shutdown.clone();
+    let mut complete = Some(req.complete);
+    let mut completed = Vec::new();
+    loop {
+        let notified = shared.wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let now = now_ms();
+        let first = complete.take();
+        let (done, jobs, full) = shared
+            .apply(false, |q, fx| {
+                let mut done = Vec::new();
+                if let Some(items) = first {
+                    q.see(&worker, now, Some((&req.task_types, req.capacity)));
+                    for item in items {
+                        let r = q.complete(&worker, item.job.0, &item.lease, item.result, now, fx);
+                        done.push((item.job, r));
+                    }
+                }
+                let mut jobs: Vec<ClaimedJob> = Vec::new();
+                let mut full = false;
+                while jobs.len() < max as usize {
+                    match q.claim_next(&worker, &req.task_types, req.capacity, now, fx) {
+                        Ok(Some(job)) => jobs.push(job),
+                        Ok(None) => break,
+                        // At capacity with nothing handed out and nothing reported: refused,
+                        // as a single claim would be.
+                        Err(e) if jobs.is_empty() && done.is_empty() => return Err(e),
+                        // At capacity after some jobs or results: those are the answer.
+                        Err(_) => {
+                            full = true;
+                            break;
+                        }
+                    }
+                }
+                Ok((done, jobs, full))
+            })
+            .await
+            .map_err(|r| match r {
+                Refusal::Api(a) => a,
+                Refusal::NotLive => ApiFailure::new(ErrorCode::Unavailable, "claim raced"),
+            })?;
+        if !done.is_empty() {
+            completed = item_replies(&shared, done).await;
+        }
+        if !jobs.is_empty() || full || Instant::now() >= deadline || *shutdown.borrow() {
+            return Ok(axum::Json(ClaimManyResponse { jobs, completed }));
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// `POST /v1/complete`: several results in one request, each applied on its own, all committed
+/// together.
+async fn complete_many(
+    State(shared): State<Arc<Shared>>,
+    AuthWorker(worker): AuthWorker,
+    Body(req): Body<CompleteManyRequest>,
+) -> Result<axum::Json<CompleteManyResponse>, ApiFailure> {
+    if req.results.is_empty() || req.results.len() > MAX_BATCH {
+        return Err(invalid(format!(
+            "`results` must carry 1..={MAX_BATCH} items, got {}",
+            req.results.len()
+        )));
+    }
+    let now = now_ms();
+    let done = shared
+        .apply(false, |q, fx| {
+            q.see(&worker, now, None);
+            Ok(req
+                .results
+                .into_iter()
+                .map(|CompleteItem { job, lease, result }| {
+                    (job, q.complete(&worker, job.0, &lease, result, now, fx))
+                })
+                .collect::<Vec<_>>())
+        })
+        .await
+        .map_err(|r| match r {
+            Refusal::Api(a) => a,
+            Refusal::NotLive => ApiFailure::new(ErrorCode::Unavailable, "complete raced"),
+        })?;
+    Ok(axum::Json(CompleteManyResponse {
+        replies: item_replies(&shared, done).await,
+    }))
+}
+
+/// The per-item answers of a batch: a job that is not live is told apart as finished or
+/// unknown, as [`report`] does for a single call.
+async fn item_replies(
+    shared: &Shared,
+    done: Vec<(crate::wire::JobId, Result<Disposition, Refusal>)>,
+) -> Vec<ItemReply> {
+    let mut replies = Vec::with_capacity(done.len());
+    for (job, r) in done {
+        let failure = match r {
+            Ok(d) => {
+                replies.push(ItemReply {
+                    job,
+                    disposition: Some(d),
+                    error: None,
+                });
+                continue;
+            }
+            Err(Refusal::Api(a)) => a,
+            Err(Refusal::NotLive) => match shared.store.view(job.0).await {
+                Ok(Some(_)) => ApiFailure::new(
+                    ErrorCode::JobFinished,
+                    format!("job {job} has already finished"),
+                ),
+                Ok(None) => ApiFailure::new(ErrorCode::UnknownJob, format!("no job {job}")),
+                Err(e) => e.into(),
+            },
+        };
+        replies.push(ItemReply {
+            job,
+            disposition: None,
+            error: Some(failure.body().error),
+        });
+    }
+    replies
 }
 
 async fn activate(

@@ -1,6 +1,7 @@
 //! The worker SDK (feature `worker`): a typed client for the Jobs API and a worker loop.
 //!
-//! [`Worker::run`] runs `capacity` slots. Each slot claims a job (long poll), heartbeats it in
+//! [`Worker::run`] runs up to `capacity` jobs at once. It claims them in batches (`/v1/claims`,
+//! carrying the results of finished jobs; see [`Worker::batched`]), heartbeats each in
 //! the background at a third of the lease, runs the [`Handler`], and reports `complete` or
 //! `error`. When a heartbeat answers "cancelled" the handler is dropped (so anything it owns,
 //! e.g. a child process spawned with `kill_on_drop`, stops) and the job is released, which the
@@ -9,6 +10,7 @@
 //! job or releases it, per [`ShutdownPolicy`].
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,11 +19,15 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 use url::Url;
 
 use crate::wire::{
-    ActivateRequest, ApiError, ClaimRequest, ClaimResponse, ClaimedJob, CompleteRequest, ErrorCode,
-    ErrorRequest, FinalReply, HeartbeatRequest, JobId, LeaseReply, ReleaseRequest, UpdateRequest,
+    ActivateRequest, ApiError, ClaimManyRequest, ClaimManyResponse, ClaimRequest, ClaimResponse,
+    ClaimedJob, CompleteItem, CompleteManyRequest, CompleteManyResponse, CompleteRequest,
+    ErrorCode, ErrorRequest, FinalReply, HeartbeatRequest, JobId, LeaseReply, MAX_BATCH,
+    ReleaseRequest, UpdateRequest,
 };
 
 /// A failed Jobs API call.
@@ -135,6 +141,25 @@ impl WorkerClient {
         let wait = Duration::from_millis(req.wait_ms.unwrap_or(60_000));
         let r: ClaimResponse = self.post("v1/claim", req, wait + CALL_TIMEOUT).await?;
         Ok(r.job)
+    }
+
+    /// Claims up to `req.max` jobs in one request, after completing the results in
+    /// `req.complete` (`POST /v1/claims`). A server without the batch endpoints answers 404.
+    pub async fn claim_many(
+        &self,
+        req: &ClaimManyRequest,
+    ) -> Result<ClaimManyResponse, ClientError> {
+        let wait = Duration::from_millis(req.wait_ms.unwrap_or(60_000));
+        self.post("v1/claims", req, wait + CALL_TIMEOUT).await
+    }
+
+    /// Reports several results in one request (`POST /v1/complete`); each item gets its own
+    /// reply.
+    pub async fn complete_many(
+        &self,
+        req: &CompleteManyRequest,
+    ) -> Result<CompleteManyResponse, ClientError> {
+        self.post("v1/complete", req, CALL_TIMEOUT).await
     }
 
     /// Claims job `id` with its activation token; the first claim wins.
@@ -286,6 +311,7 @@ pub struct Worker {
     handler: Arc<dyn Handler>,
     policy: ShutdownPolicy,
     claim_wait: Duration,
+    batched: bool,
 }
 
 impl std::fmt::Debug for Worker {
@@ -325,7 +351,16 @@ impl Worker {
             handler: Arc::new(handler),
             policy: ShutdownPolicy::Finish,
             claim_wait: Duration::from_secs(30),
+            batched: true,
         }
+    }
+    /// Whether to use the batch endpoints (default): one request claims as many jobs as there
+    /// are free slots and carries the results of finished ones, so a worker of capacity 1 makes
+    /// one request per job. `false` (or a server without them, detected by its 404) uses one
+    /// claim and one report per job.
+    pub fn batched(mut self, on: bool) -> Self {
+        self.batched = on;
+        self
     }
     /// How many jobs run at once (slots). At least 1.
     pub fn capacity(mut self, n: u32) -> Self {
@@ -350,6 +385,33 @@ impl Worker {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let this = Arc::new(self);
+        if this.batched {
+            tokio::pin!(shutdown);
+            let batched = this.clone().run_batched(stop_rx.clone());
+            tokio::pin!(batched);
+            let fall_back = tokio::select! {
+                _ = &mut shutdown => {
+                    let _ = stop_tx.send(true);
+                    batched.await
+                }
+                fall_back = &mut batched => fall_back,
+            };
+            if !fall_back {
+                return;
+            }
+            tracing::info!("jobs worker: the server has no batch endpoints; one claim per job");
+            return this.run_slots(shutdown, stop_tx, stop_rx).await;
+        }
+        this.run_slots(shutdown, stop_tx, stop_rx).await
+    }
+
+    async fn run_slots(
+        self: Arc<Self>,
+        shutdown: impl Future<Output = ()> + Send,
+        stop_tx: watch::Sender<bool>,
+        stop_rx: watch::Receiver<bool>,
+    ) {
+        let this = self;
         let mut slots = tokio::task::JoinSet::new();
         for _ in 0..this.capacity {
             slots.spawn(this.clone().slot(stop_rx.clone()));
@@ -380,7 +442,13 @@ impl Worker {
             let pause = match claimed {
                 Ok(Some(job)) => {
                     backoff = Backoff(0);
-                    self.work(job, &mut stop).await;
+                    if let Some(item) = self.work(job, &mut stop).await {
+                        let req = CompleteRequest {
+                            lease: item.lease,
+                            result: item.result,
+                        };
+                        self.retry(|| self.client.complete(item.job, &req)).await;
+                    }
                     continue;
                 }
                 Ok(None) => continue,
@@ -398,7 +466,145 @@ impl Worker {
         }
     }
 
-    async fn work(&self, job: ClaimedJob, stop: &mut watch::Receiver<bool>) {
+    /// The batched loop: one `POST /v1/claims` asks for as many jobs as there are free slots
+    /// and carries the results gathered since the last one; results that finish while a claim
+    /// waits go in a `POST /v1/complete` of their own. Returns `true` when the server has no
+    /// batch endpoints (before anything was claimed), for the caller to fall back.
+    async fn run_batched(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> bool {
+        type Call = Pin<Box<dyn Future<Output = Result<ClaimManyResponse, ClientError>> + Send>>;
+        let capacity = usize::try_from(self.capacity).unwrap_or(usize::MAX);
+        let wait_ms = u64::try_from(self.claim_wait.as_millis()).unwrap_or(u64::MAX);
+        let mut running: JoinSet<Option<CompleteItem>> = JoinSet::new();
+        let mut reports: Vec<CompleteItem> = Vec::new();
+        // Separate report requests in flight; their jobs still count against the capacity
+        // until the server has them.
+        let mut reporting: JoinSet<usize> = JoinSet::new();
+        let mut reporting_held = 0usize;
+        let mut claim: Option<(Call, Vec<CompleteItem>)> = None;
+        let mut backoff = Backoff(0);
+        let mut not_before: Option<Instant> = None;
+        let mut answered = false;
+        let mut stopping = *stop.borrow();
+        loop {
+            if claim.is_none() && !stopping && not_before.is_none() {
+                let free = capacity.saturating_sub(running.len() + reporting_held);
+                if free > 0 {
+                    let carried: Vec<CompleteItem> =
+                        reports.drain(..reports.len().min(MAX_BATCH)).collect();
+                    let req = ClaimManyRequest {
+                        task_types: self.task_types.clone(),
+                        capacity: self.capacity,
+                        max: Some(u32::try_from(free.min(MAX_BATCH)).unwrap_or(1)),
+                        wait_ms: Some(wait_ms),
+                        complete: carried.clone(),
+                    };
+                    let client = self.client.clone();
+                    let call: Call = Box::pin(async move { client.claim_many(&req).await });
+                    claim = Some((call, carried));
+                }
+            }
+            if !reports.is_empty() {
+                let batch: Vec<CompleteItem> =
+                    reports.drain(..reports.len().min(MAX_BATCH)).collect();
+                let n = batch.len();
+                reporting_held += n;
+                let client = self.client.clone();
+                reporting.spawn(async move {
+                    let req = CompleteManyRequest { results: batch };
+                    let mut backoff = Backoff(0);
+                    for _ in 0..8 {
+                        match client.complete_many(&req).await {
+                            Ok(r) => {
+                                warn_refused(&r.replies);
+                                break;
+                            }
+                            Err(e) if e.is_retryable() => {
+                                tracing::warn!(error = %e, "jobs worker: report failed; retrying");
+                                tokio::time::sleep(backoff.next()).await;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "jobs worker: report refused");
+                                break;
+                            }
+                        }
+                    }
+                    n
+                });
+            }
+            if stopping && claim.is_none() && running.is_empty() && reporting.is_empty() {
+                return false;
+            }
+            tokio::select! {
+                r = async { claim.as_mut().map(|c| c.0.as_mut()).expect("guarded").await },
+                    if claim.is_some() =>
+                {
+                    let carried = claim.take().map(|c| c.1).unwrap_or_default();
+                    match r {
+                        Ok(resp) => {
+                            answered = true;
+                            backoff = Backoff(0);
+                            warn_refused(&resp.completed);
+                            for job in resp.jobs {
+                                let this = Arc::clone(&self);
+                                let mut stop = stop.clone();
+                                running.spawn(async move { this.work(job, &mut stop).await });
+                            }
+                        }
+                        Err(e) if !answered && matches!(&e, ClientError::Refused { status: 404 | 405, .. }) => {
+                            return true;
+                        }
+                        Err(e) => {
+                            // The results may or may not have been taken: send them again (a
+                            // repeated one is answered `job_finished`).
+                            reports.extend(carried);
+                            if e.code() != Some(ErrorCode::CapacityExhausted) {
+                                tracing::warn!(error = %e, "jobs worker: claim failed");
+                            }
+                            not_before = Some(Instant::now() + backoff.next());
+                        }
+                    }
+                }
+                Some(done) = running.join_next(), if !running.is_empty() => {
+                    match done {
+                        Ok(Some(item)) => reports.push(item),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(error = %e, "jobs worker: a job's task failed"),
+                    }
+                }
+                Some(done) = reporting.join_next(), if !reporting.is_empty() => {
+                    // A report task cannot panic; if it did, its jobs are the server's to
+                    // lapse, and no longer this worker's.
+                    if let Ok(n) = done {
+                        reporting_held = reporting_held.saturating_sub(n);
+                    } else {
+                        reporting_held = 0;
+                    }
+                }
+                _ = stop.changed(), if !stopping => {
+                    stopping = true;
+                    if let Some((_, carried)) = claim.take() {
+                        reports.extend(carried);
+                    }
+                }
+                _ = async {
+                    match not_before {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                }, if claim.is_none() && not_before.is_some() => {
+                    not_before = None;
+                }
+            }
+        }
+    }
+
+    /// Runs one job to its end; a success is returned for the caller to report, anything else
+    /// is reported here.
+    async fn work(
+        &self,
+        job: ClaimedJob,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<CompleteItem> {
         let id = job.id;
         let lease = job.lease.id.clone();
         let every = Duration::from_millis((job.lease.duration_ms / 3).max(1));
@@ -438,8 +644,11 @@ impl Worker {
         };
         match outcome {
             Ok(Ok(result)) => {
-                let req = CompleteRequest { lease, result };
-                self.retry(|| self.client.complete(id, &req)).await;
+                return Some(CompleteItem {
+                    job: id,
+                    lease,
+                    result,
+                });
             }
             Ok(Err(f)) => {
                 let req = ErrorRequest {
@@ -467,6 +676,7 @@ impl Worker {
                 tracing::warn!(job = %id, "jobs worker: lease lost; result dropped");
             }
         }
+        None
     }
 
     /// Retries a report while it fails retryably, at most 8 times.
@@ -488,6 +698,16 @@ impl Worker {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Logs the items of a batch the server refused (a lease lost meanwhile, a job already
+/// finished): their results are dropped, as a single report's would be.
+fn warn_refused(replies: &[crate::wire::ItemReply]) {
+    for r in replies {
+        if let Some(e) = &r.error {
+            tracing::warn!(job = %r.job, code = ?e.code, message = %e.message, "jobs worker: result refused");
         }
     }
 }

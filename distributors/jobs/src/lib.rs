@@ -20,9 +20,10 @@ pub use client::{
 };
 pub use config::{JobsConfig, JobsPayload, WorkerCredential};
 pub use wire::{
-    ActivateRequest, ApiError, ApiErrorDetail, ClaimRequest, ClaimResponse, ClaimedJob,
-    CompleteRequest, Disposition, ErrorCode, ErrorRequest, FinalReply, HeartbeatRequest, JobId,
-    Lease, LeaseId, LeaseReply, ReleaseRequest, UpdateRequest,
+    ActivateRequest, ApiError, ApiErrorDetail, ClaimManyRequest, ClaimManyResponse, ClaimRequest,
+    ClaimResponse, ClaimedJob, CompleteItem, CompleteManyRequest, CompleteManyResponse,
+    CompleteRequest, Disposition, ErrorCode, ErrorRequest, FinalReply, HeartbeatRequest, ItemReply,
+    JobId, Lease, LeaseId, LeaseReply, MAX_BATCH, ReleaseRequest, UpdateRequest,
 };
 
 distributor_core::reexports::inventory::submit!(distributor_core::Registration::of::<JobsConfig>());

@@ -178,6 +178,88 @@ pub struct ReleaseRequest {
     pub reason: Option<String>,
 }
 
+/// Most jobs one [`ClaimManyRequest`] or [`CompleteManyRequest`] may carry; larger batches are
+/// refused with `invalid_request`.
+pub const MAX_BATCH: usize = 1000;
+
+/// `POST /v1/claims`: asks for up to `max` jobs in one request, optionally completing jobs in
+/// the same request (`complete`, applied first, so that their slots count as free). The reply
+/// comes as soon as at least one job is handed out, or when `wait_ms` ends without one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimManyRequest {
+    /// Task types the worker can run.
+    pub task_types: Vec<String>,
+    /// How many jobs this worker holds at most at once (as in [`ClaimRequest`]). The server
+    /// hands out at most `capacity` minus what the worker then holds. Default 1.
+    #[serde(default = "one")]
+    pub capacity: u32,
+    /// Most jobs to hand out in this reply (1..=[`MAX_BATCH`]). Default: `capacity`.
+    #[serde(default)]
+    pub max: Option<u32>,
+    /// How long to wait for a first job, in milliseconds (capped by `long_poll_ms`; default
+    /// that cap). 0 answers at once.
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+    /// Results of jobs this worker holds, reported before claiming (as with `/v1/complete`).
+    #[serde(default)]
+    pub complete: Vec<CompleteItem>,
+}
+
+/// Answer to [`ClaimManyRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClaimManyResponse {
+    /// The jobs now held, best first; empty when the wait ended without one.
+    pub jobs: Vec<ClaimedJob>,
+    /// One reply per item of the request's `complete`, in its order.
+    #[serde(default)]
+    pub completed: Vec<ItemReply>,
+}
+
+/// One result of a held job, in a batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteItem {
+    /// The job.
+    pub job: JobId,
+    /// The lease held.
+    pub lease: LeaseId,
+    /// The result (any JSON); becomes the execution's `Succeeded { data }`.
+    #[serde(default)]
+    pub result: Value,
+}
+
+/// `POST /v1/complete`: the results of several held jobs in one request. Each item is applied
+/// on its own (one refused item does not refuse the others); all are committed together before
+/// the answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteManyRequest {
+    /// The results (1..=[`MAX_BATCH`]).
+    pub results: Vec<CompleteItem>,
+}
+
+/// Answer to [`CompleteManyRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompleteManyResponse {
+    /// One reply per item, in the request's order.
+    pub replies: Vec<ItemReply>,
+}
+
+/// What became of one item of a batch: a disposition, or the error a single call would have
+/// answered (`lease_lost`, `job_finished`, `unknown_job`, `not_holder`…).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemReply {
+    /// The job.
+    pub job: JobId,
+    /// What became of it, when accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disposition: Option<Disposition>,
+    /// Why it was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiErrorDetail>,
+}
+
 /// What became of a job after `error`, `complete` or `release`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
