@@ -6,6 +6,7 @@
 use distributor_jobs as _;
 use distributor_local as _;
 use distributor_slurm as _;
+use distributor_switch as _;
 
 pub mod api;
 pub mod client;
@@ -15,6 +16,7 @@ mod page;
 pub mod run;
 pub mod security;
 pub mod serve;
+pub mod switch;
 pub mod taskfile;
 pub mod workflow;
 pub mod workflow_http;

@@ -126,6 +126,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show or change the cutover of a `switch` distributor on a running server.
+    Switch {
+        #[command(subcommand)]
+        action: orchestrator::switch::SwitchCmd,
+    },
 }
 
 fn main() -> ExitCode {
@@ -168,6 +173,7 @@ async fn main_async(cli: Cli) -> CmdResult {
         Cmd::Serve { listen } => serve(&registry, cli.config.as_deref(), &listen).await,
         Cmd::Validate { file } => validate(&registry, cli.config.as_deref(), &file).await,
         Cmd::Kinds { json } => kinds(&registry, json),
+        Cmd::Switch { action } => orchestrator::switch::command(&cli.server, action).await,
         Cmd::Workflow { cmd } => {
             orchestrator::workflow::main(&registry, cli.config.as_deref(), cmd).await
         }

@@ -97,6 +97,7 @@ pub fn router(engine: Engine, security: Security) -> Router {
 pub fn routes(engine: Engine) -> Router {
     // workflow: the workflow routes (API and pages), merged after the state is set.
     let workflows = crate::workflow_http::routes(engine.clone());
+    let switch = crate::switch::routes(engine.clone());
     let state = AppState {
         engine,
         metrics: prometheus(),
@@ -114,6 +115,7 @@ pub fn routes(engine: Engine) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .with_state(state)
         .merge(workflows) // workflow:
+        .merge(switch)
 }
 
 /// Connection limits of [`serve`].
