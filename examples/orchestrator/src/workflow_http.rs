@@ -348,10 +348,10 @@ pub async fn view(engine: &Engine, snap: &RunSnapshot) -> RunView {
             level: levels.get(name).copied().unwrap_or(0),
             depends_on: st.depends_on.clone(),
             distributor: st.distributor.clone(),
-            approval: st
-                .approval
-                .as_ref()
-                .map(|a| a.prompt.clone().unwrap_or_else(|| "Approve?".into())),
+            approval: st.approval.as_ref().map(|a| {
+                let prompt = a.prompt.clone().unwrap_or_else(|| "Approve?".into());
+                render_text(snap, &prompt)
+            }),
             generation: d.generation,
             started_at: d.started_at,
             finished_at: d.finished_at,
@@ -379,6 +379,22 @@ pub async fn view(engine: &Engine, snap: &RunSnapshot) -> RunView {
             .0
             .saturating_sub(snap.run.created_at.0),
         steps,
+    }
+}
+
+/// `text` with its `{{ params.… }}` / `{{ run.… }}` references filled in (as written when
+/// one does not render).
+fn render_text(snap: &RunSnapshot, text: &str) -> String {
+    let scope = distributor_workflow::template::Scope {
+        params: Some(&snap.run.params),
+        run_id: &snap.run.id.0,
+        run_name: &snap.run.spec.name,
+        ..Default::default()
+    };
+    match scope.render(&Value::String(text.to_owned()), "") {
+        Ok(Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => text.to_owned(),
     }
 }
 

@@ -139,6 +139,7 @@ const SCRIPT: &str = r#"
     const meta = [s.distributor ? 'on ' + s.distributor : 'approval', fmt(s.duration_ms)];
     if (s.units.total > 1) meta.push(s.units.total + ' tasks: ' + (s.units.succeeded || 0) + ' ok, ' + (s.units.running || 0) + ' running, ' + (s.units.failed || 0) + ' failed');
     if (s.generation > 0) meta.push('re-run ' + s.generation);
+    if (s.approval && s.result && s.result.approved_by) meta.push('approved by ' + s.result.approved_by);
     const card = el('div', { class: 'step st-' + s.state, id: 'step-' + s.name, 'data-step': s.name, 'data-state': s.state },
       el('div', { class: 'name' }, s.name + ' ', el('span', { class: 'badge s-' + s.state, 'data-role': 'state' }, s.state.replace('_', ' '))),
       el('div', { class: 'meta' }, meta.filter(Boolean).join(' · ')));
