@@ -280,6 +280,36 @@ async fn late_stale_and_replayed_pushes_are_rejected_and_change_nothing() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_idempotency_key_submits_once_across_retries_races_and_restarts() {
+    let (e, _, store) = engine("idem").await;
+    let t = || task("fake", json!({"hang": true}));
+    let (a, created) = e.submit_idempotent("req-1", t()).await.unwrap();
+    assert!(created);
+    let (again, created) = e.submit_idempotent("req-1", t()).await.unwrap();
+    assert_eq!((again, created), (a, false));
+    // Concurrent first submissions of one key create one execution.
+    let (x, y) = tokio::join!(
+        e.submit_idempotent("req-2", t()),
+        e.submit_idempotent("req-2", t())
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(x.0, y.0);
+    assert!(x.1 ^ y.1, "exactly one created it: {x:?} {y:?}");
+    assert!(e.submit_idempotent("", t()).await.is_err());
+    let all = e.list(&ListFilter::default()).await.unwrap();
+    assert_eq!(all.len(), 2, "{all:?}");
+    e.shutdown().await;
+    // The key is durable: a new engine on the same store answers the first id.
+    let e2 = engine_on("idem", store, Clock::new()).await;
+    let (b, created) = e2.submit_idempotent("req-1", t()).await.unwrap();
+    assert_eq!((b, created), (a, false));
+    assert_eq!(e2.list(&ListFilter::default()).await.unwrap().len(), 2);
+    for id in [a, x.0] {
+        e2.cancel(id, "end of test").await.unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_huge_sequence_is_refused_and_does_not_poison_later_pushes() {
     let (e, fake, _) = engine("seqjump").await;
     let id = e.submit(task("fake", json!({"hang": true}))).await.unwrap();

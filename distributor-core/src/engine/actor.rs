@@ -113,6 +113,9 @@ pub(crate) struct Actor {
     dirty: HashMap<ExecutionId, Dirty>,
     dirty_order: Vec<ExecutionId>,
     extra_writes: Vec<Write>,
+    /// Idempotency keys submitted by this process (committed or not): concurrent keyed
+    /// submissions that the store does not know yet resolve here.
+    keyed: HashMap<String, ExecutionId>,
     effects: Vec<Effect>,
     dispatch_started: HashMap<ExecutionId, tokio::time::Instant>,
     finished: Vec<ExecutionId>,
@@ -194,6 +197,7 @@ impl Actor {
             dirty: HashMap::default(),
             dirty_order: Vec::new(),
             extra_writes: Vec::new(),
+            keyed: HashMap::default(),
             effects: Vec::new(),
             dispatch_started: HashMap::default(),
             finished: Vec::new(),
@@ -549,6 +553,23 @@ impl Actor {
                     batch.into_iter().map(|(t, i)| self.submit(t, i)).collect();
                 self.effects.push(Effect::Reply(Box::new(move |r| {
                     let _ = reply.send(r.map(|()| ids).map_err(store_failed));
+                })));
+            }
+            Cmd::SubmitKeyed(key, task, instance, reply) => {
+                let (id, created) = match self.keyed.get(&key) {
+                    Some(id) => (*id, false),
+                    None => {
+                        let id = self.submit(task, instance);
+                        self.extra_writes.push(Write::Meta {
+                            key: super::idempotency_meta_key(&key),
+                            value: id.0.to_string(),
+                        });
+                        self.keyed.insert(key, id);
+                        (id, true)
+                    }
+                };
+                self.effects.push(Effect::Reply(Box::new(move |r| {
+                    let _ = reply.send(r.map(|()| (id, created)).map_err(store_failed));
                 })));
             }
             Cmd::Cancel(id, reason, reply) => self.on_cancel(id, reason, reply),

@@ -205,6 +205,7 @@ type Reply<T> = oneshot::Sender<Result<T>>;
 /// Commands to the actor.
 pub(crate) enum Cmd {
     Submit(Vec<(Task, Instance)>, Reply<Vec<ExecutionId>>),
+    SubmitKeyed(String, Task, Instance, Reply<(ExecutionId, bool)>),
     Cancel(ExecutionId, String, Reply<()>),
     Poke(ExecutionId, Reply<()>),
     Notify(ExecutionId, Notification, Reply<()>),
@@ -212,6 +213,14 @@ pub(crate) enum Cmd {
     Reload(Catalog, Reply<()>),
     Defer(DistributorName, crate::types::DeferredWork),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// Longest idempotency key accepted by [`Engine::submit_idempotent`], in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+/// The metadata key under which an idempotency key's execution id is stored.
+pub(crate) fn idempotency_meta_key(key: &str) -> String {
+    format!("idempotency/{key}")
 }
 
 /// The configured instances by name (aliases included, pointing at their target's instance).
@@ -467,6 +476,63 @@ impl Engine {
         }
         metrics::counter!("distributor_submitted_total").increment(batch.len() as u64);
         self.call(|r| Cmd::Submit(batch, r)).await
+    }
+
+    /// Submits `task` unless a task was already submitted with the same idempotency `key`, in
+    /// which case nothing is submitted and that task's first execution id is returned. Returns
+    /// the id and whether this call created it.
+    ///
+    /// The key is stored with the new execution, in the same store transaction as its insert
+    /// (as metadata `idempotency/<key>`), so a client whose answer was lost, or that retries
+    /// after the engine restarted, gets the first id back: keys are durable and never expire.
+    /// Concurrent calls with one key create one execution. A resubmission is not compared with
+    /// the first task: the key alone decides.
+    ///
+    /// Errors: [`Error::Permanent`] when `key` is empty, longer than [`MAX_IDEMPOTENCY_KEY`]
+    /// bytes or has control characters; otherwise as
+    /// [`submit`](Self::submit) (validation happens only when a new task is submitted).
+    pub async fn submit_idempotent(&self, key: &str, task: Task) -> Result<(ExecutionId, bool)> {
+        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY || key.chars().any(char::is_control) {
+            return Err(Error::Permanent {
+                message: format!(
+                    "an idempotency key is 1 to {MAX_IDEMPOTENCY_KEY} bytes without control \
+                     characters"
+                ),
+                source: None,
+            });
+        }
+        if let Some(id) = self.idempotent_id(key).await? {
+            return Ok((id, false));
+        }
+        let mut task = task;
+        let now = self.shared.clock.now();
+        let instance = self.instance(task.distributor.as_str())?;
+        let payload = task.payload.to_value();
+        instance.validate(&payload)?;
+        if let Some(prepared) = instance.distributor().prepare(&payload, now) {
+            task.payload = crate::types::Payload::new(&prepared);
+        }
+        let r = self
+            .call(|r| Cmd::SubmitKeyed(key.to_owned(), task, instance, r))
+            .await?;
+        if r.1 {
+            metrics::counter!("distributor_submitted_total").increment(1);
+        }
+        Ok(r)
+    }
+
+    /// The first execution submitted with idempotency `key`, if one was committed.
+    async fn idempotent_id(&self, key: &str) -> Result<Option<ExecutionId>> {
+        let Some(v) = self.shared.store.meta(&idempotency_meta_key(key)).await? else {
+            return Ok(None);
+        };
+        v.parse()
+            .map(|n| Some(ExecutionId(n)))
+            .map_err(|_| Error::Store {
+                message: format!("corrupt idempotency record for key `{key}`: `{v}`"),
+                transient: false,
+                source: None,
+            })
     }
 
     /// The configured instance named `name` (following aliases).
