@@ -32,6 +32,10 @@ pub struct SubmitRequest {
     /// Labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// An idempotency key (also accepted as the `Idempotency-Key` header): a resubmission with
+    /// the same key creates nothing and answers the first submission's id (200 instead of 201).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 impl SubmitRequest {
@@ -62,6 +66,7 @@ impl From<&TaskSpec> for SubmitRequest {
             retries: t.retries,
             retry_delay: t.retry_delay,
             labels,
+            request_id: None,
         }
     }
 }

@@ -126,9 +126,27 @@ impl Client {
     /// Submits a task.
     ///
     /// Errors: transport errors, or the server's 4xx/5xx answer.
+    ///
+    /// Without a `request_id` one is generated, so that the call can be repeated safely: when
+    /// the server cannot be reached or the answer is lost, it is sent again (up to 3 times in
+    /// all) with the same key, and the server answers the first submission's id instead of
+    /// creating a second execution.
     pub async fn submit(&self, req: &SubmitRequest) -> Result<Submitted, ClientError> {
-        self.call(reqwest::Method::POST, "/v1/executions", &[], Some(req))
-            .await
+        let mut req = req.clone();
+        if req.request_id.is_none() {
+            req.request_id = Some(format!("cli-{}", hex::encode(rand::random::<[u8; 16]>())));
+        }
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self
+                .call(reqwest::Method::POST, "/v1/executions", &[], Some(&req))
+                .await
+            {
+                Err(ClientError::Http { .. }) if tries < 3 => continue,
+                r => return r,
+            }
+        }
     }
 
     /// One execution with its history.

@@ -173,10 +173,10 @@ async fn main_async(cli: Cli) -> CmdResult {
         Cmd::Serve { listen } => serve(&registry, cli.config.as_deref(), &listen).await,
         Cmd::Validate { file } => validate(&registry, cli.config.as_deref(), &file).await,
         Cmd::Kinds { json } => kinds(&registry, json),
-        Cmd::Switch { action } => orchestrator::switch::command(&cli.server, action).await,
         Cmd::Workflow { cmd } => {
             orchestrator::workflow::main(&registry, cli.config.as_deref(), cmd).await
         }
+        Cmd::Switch { action } => orchestrator::switch::command(&cli.server, action).await,
         Cmd::Submit {
             file,
             distributor,
@@ -219,6 +219,7 @@ async fn main_async(cli: Cli) -> CmdResult {
                         retries,
                         retry_delay: None,
                         labels: parse_labels(&labels)?.into_iter().collect(),
+                        request_id: None,
                     };
                     vec![("task".into(), req)]
                 }

@@ -2,7 +2,7 @@
 //!
 //! | method and path | what |
 //! |---|---|
-//! | `POST /v1/executions` | submit a task ([`SubmitRequest`]) → 201 `{id, url}` |
+//! | `POST /v1/executions` | submit a task ([`SubmitRequest`]) → 201 `{id, url}`; with an `Idempotency-Key` header or `request_id`, a repeat answers 200 and the first id |
 //! | `GET /v1/executions/{id}` | one execution with its history |
 //! | `GET /v1/executions?state=a,b&distributor=d&label=k=v&task_id=&after=&limit=` | list |
 //! | `POST /v1/executions/{id}/cancel` | request cancellation (`{"reason"}` optional) of the task's current attempt → 202 |
@@ -406,12 +406,47 @@ async fn kinds(AxState(s): AxState<AppState>) -> axum::Json<Value> {
     axum::Json(json!({ "kinds": kinds }))
 }
 
-async fn submit(AxState(s): AxState<AppState>, body: Bytes) -> ApiResult<Response> {
+async fn submit(
+    AxState(s): AxState<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
     let req: SubmitRequest = parse_body(&body)?;
-    let id = s.engine.submit(req.to_task()).await?;
+    let header_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(v.to_str().map(str::to_owned).map_err(|_| {
+            ApiError::bad_param("Idempotency-Key", "the Idempotency-Key header is not text")
+        })?),
+    };
+    let key = match (header_key, &req.request_id) {
+        (Some(h), Some(b)) if h != *b => {
+            return Err(ApiError::bad(
+                "/request_id",
+                "`request_id` and the Idempotency-Key header differ; send one of them",
+            ));
+        }
+        (Some(h), _) => Some(h),
+        (None, b) => b.clone(),
+    };
+    let (id, created) = match key {
+        None => (s.engine.submit(req.to_task()).await?, true),
+        Some(k) => s
+            .engine
+            .submit_idempotent(&k, req.to_task())
+            .await
+            .map_err(|e| match e {
+                Error::Permanent { message, .. } => ApiError::bad("/request_id", message),
+                e => e.into(),
+            })?,
+    };
     let url = format!("/v1/executions/{id}");
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((
-        StatusCode::CREATED,
+        status,
         [(axum::http::header::LOCATION, url.clone())],
         axum::Json(Submitted { id: id.0, url }),
     )

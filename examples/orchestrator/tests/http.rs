@@ -652,3 +652,49 @@ async fn every_refusal_is_json_and_scopes_cookies_and_limits_hold() {
     assert_eq!(r.headers()["location"], "/v1/executions?state=failed");
     assert!(r.headers().contains_key("set-cookie"));
 }
+
+#[tokio::test]
+async fn an_idempotency_key_makes_a_resubmission_answer_the_first_id() {
+    let s = server("http-idem").await;
+    let body = json!({"distributor": "fake", "payload": {"hang": true}}).to_string();
+    let send = |key: &'static str, body: String| {
+        let r = s
+            .http
+            .post(format!("{}/v1/executions", s.base))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .body(body);
+        async move {
+            let r = r.send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (st, first) = send("k-1", body.clone()).await;
+    assert_eq!(st, StatusCode::CREATED, "{first}");
+    let (st, again) = send("k-1", body.clone()).await;
+    assert_eq!(st, StatusCode::OK, "{again}");
+    assert_eq!(again["id"], first["id"]);
+    // `request_id` in the body is the same key.
+    let (st, v) = s
+        .post(
+            "/v1/executions",
+            r#"{"distributor": "fake", "payload": {"hang": true}, "request_id": "k-1"}"#,
+        )
+        .await;
+    assert_eq!((st, &v["id"]), (StatusCode::OK, &first["id"]), "{v}");
+    let with_other = json!({"distributor": "fake", "payload": {}, "request_id": "k-2"});
+    let (st, v) = send("k-3", with_other.to_string()).await;
+    assert_eq!(
+        (st, field(&v)),
+        (StatusCode::BAD_REQUEST, "/request_id"),
+        "{v}"
+    );
+    let (_, l) = s.get_json("/v1/executions").await;
+    assert_eq!(l["executions"].as_array().unwrap().len(), 1, "{l}");
+    let id = first["id"].as_u64().unwrap();
+    s.engine
+        .cancel(distributor_core::ExecutionId(id), "end of test")
+        .await
+        .unwrap();
+}
