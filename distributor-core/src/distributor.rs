@@ -55,9 +55,14 @@ pub trait Distributor: Send + Sync + Debug + 'static {
     /// Asks the backend to stop the work.
     ///
     /// MUST be idempotent: cancelling work that already finished, was already cancelled, or is
-    /// unknown to the backend returns `Ok(())`. Returning `Ok` does not mean the work has stopped:
-    /// the engine records `Cancelled` only once `status` reports the work finished (or the stop
-    /// deadline passes). Transient errors are retried until the stop deadline.
+    /// unknown to the backend returns `Ok(())`. Returning `Ok` does not mean the work has stopped.
+    /// Once cancelled work has stopped, `status` MUST report
+    /// `Finished(Abnormal { kind: Cancelled, .. })` (work that finished before the cancel took
+    /// effect keeps the outcome it reached; finished is final); the conformance case
+    /// `cancel_running_ends_cancelled` checks it. The engine itself records the cancel's cause
+    /// (`Cancelled`, or `TimedOut` for a run timeout) once `status` reports the work finished
+    /// abnormally, whatever kind the adapter reported, or when the stop deadline passes.
+    /// Transient errors are retried until the stop deadline.
     async fn cancel(&self, execution: &Execution) -> Result<()>;
 
     /// Reports where the work is: `Pending`, `Running` or `Finished(outcome)`.
@@ -135,9 +140,17 @@ pub trait Distributor: Send + Sync + Debug + 'static {
     fn capabilities(&self) -> Capabilities;
 
     /// Re-attaches to work started before an orchestrator restart (Nomad's RecoverTask), using
-    /// the persisted handle, and reports its status. The default asks `status`. Adapters that keep
-    /// per-execution state in memory (watchers, supervisors) override it and set
-    /// [`Capabilities::recover`].
+    /// the persisted handle, and reports its status. The engine calls it for every execution
+    /// still in flight after a restart, whatever the capabilities. The default asks `status`;
+    /// adapters that keep per-execution state in memory (watchers, supervisors) override it to
+    /// rebuild that state first.
+    ///
+    /// Declare [`Capabilities::recover`] when work survives a restart of the orchestrator
+    /// process and a freshly built instance reports it correctly (finished work's outcome,
+    /// running work as unfinished and still cancellable), whether through an override or the
+    /// default; leave it `false` when work lives in the orchestrator process and is lost with
+    /// it (it is then reported `Missing`). The flag selects the conformance case
+    /// `recover_reports_status`, which checks exactly that.
     async fn recover(&self, execution: &Execution) -> Result<Status> {
         self.status(execution).await
     }

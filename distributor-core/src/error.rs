@@ -249,7 +249,8 @@ impl fmt::Display for Violation {
 pub struct ValidationError {
     /// What was validated (`payload for kind local`, `config of distributor hpc`).
     pub subject: String,
-    /// All violations, in document order. Never empty.
+    /// All violations, sorted by [`Violation::pointer`] (string order, so `/a/10` comes before
+    /// `/a/2`), duplicates removed. Never empty.
     pub violations: Vec<Violation>,
 }
 

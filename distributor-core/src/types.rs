@@ -561,7 +561,8 @@ pub struct Capabilities {
     pub cancel: bool,
     /// `status_batch` is cheaper than one `status` per execution.
     pub batch_status: bool,
-    /// `recover` re-attaches to work started before an orchestrator restart.
+    /// Work survives an orchestrator restart and a rebuilt instance's `recover` reports it
+    /// (see [`Distributor::recover`](crate::Distributor::recover) for when to declare it).
     pub recover: bool,
     /// The adapter schedules deferred work (`handle_deferred`).
     pub deferred: bool,

@@ -134,7 +134,19 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Retry up to `n` more times, whatever the retryable kind.
+    /// At most `max_attempts` attempts in total, the first included, whatever the retryable
+    /// kind: `attempts(3)` is the first attempt and up to 2 retries; `attempts(1)` (the
+    /// default) never retries.
+    ///
+    /// ```
+    /// use distributor_core::{AbnormalKind, Attempt, RetryPolicy};
+    ///
+    /// let p = RetryPolicy::attempts(3);
+    /// let crashed = AbnormalKind::Crashed;
+    /// assert!(p.allows(crashed, Attempt(1), &[crashed]));
+    /// assert!(p.allows(crashed, Attempt(2), &[crashed, crashed]));
+    /// assert!(!p.allows(crashed, Attempt(3), &[crashed, crashed, crashed]));
+    /// ```
     pub fn attempts(max_attempts: u32) -> Self {
         Self {
             max_attempts,

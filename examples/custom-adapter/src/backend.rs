@@ -5,19 +5,18 @@ use std::sync::Arc;
 use distributor_core::reexports::async_trait;
 use distributor_core::{
     BuildContext, Capabilities, Distributor, Error, Execution, KindConfig, Launch, Notification,
-    Result, Status, TaskDescription, Token, ValidationError,
+    Outcome, Result, Status, TaskDescription, Token, ValidationError,
 };
 use serde_json::Value;
 use url::Url;
 
 use crate::config::{HttpGetConfig, HttpGetPayload};
-use crate::core::{Table, fetch};
+use crate::core::{Bearer, Fetcher, Table, fetch, push_outcome};
 
 /// An `http-get` instance: each execution is one GET (with retries) run on the engine's runtime.
 #[derive(Debug)]
 pub struct HttpGetDistributor {
-    config: Arc<HttpGetConfig>,
-    client: reqwest::Client,
+    fetcher: Arc<Fetcher>,
     table: Arc<Table>,
 }
 
@@ -26,13 +25,26 @@ impl KindConfig for HttpGetConfig {
     const KIND: &'static str = "http-get";
     type Payload = HttpGetPayload;
 
+    /// Errors (permanent; the engine names the instance): the `auth` secret cannot be read, or
+    /// the HTTP client cannot be built.
     async fn build(self, _ctx: BuildContext) -> Result<Arc<dyn Distributor>> {
+        let bearer = match &self.auth {
+            Some(secret) => Some(Bearer(
+                secret
+                    .resolve()
+                    .map_err(|e| Error::permanent(format!("`auth`: {e}")))?,
+            )),
+            None => None,
+        };
         let client = reqwest::Client::builder()
             .build()
             .map_err(|e| Error::permanent_from("cannot build the HTTP client", e))?;
         Ok(Arc::new(HttpGetDistributor {
-            config: Arc::new(self),
-            client,
+            fetcher: Arc::new(Fetcher {
+                client,
+                config: self,
+                bearer,
+            }),
             table: Arc::default(),
         }))
     }
@@ -47,17 +59,19 @@ fn payload_of(v: &Value) -> Result<HttpGetPayload> {
 impl Distributor for HttpGetDistributor {
     /// Starts the GET in the background. The token is the request id, so a repeated `run` finds
     /// the same work and starts nothing. The server receives the request id as `x-request-id`.
+    /// When the work ends, its outcome is pushed to the task's notification target.
     async fn run(&self, task: &TaskDescription) -> Result<Launch> {
         let payload = payload_of(&task.payload)?;
         payload.parsed_url()?;
         let token = Token::new(task.request_id.as_str());
-        let (config, client, table) =
-            (self.config.clone(), self.client.clone(), self.table.clone());
-        let (t, rid) = (token.clone(), task.request_id.clone());
+        let (fetcher, table) = (self.fetcher.clone(), self.table.clone());
+        let (t, task) = (token.clone(), task.clone());
         self.table.start_once(&token, move || {
             tokio::spawn(async move {
-                let outcome = fetch(&client, &config, &payload, &rid).await;
-                table.finish(&t, outcome);
+                let outcome = fetch(&fetcher, &payload, &task.request_id).await;
+                if table.finish(&t, outcome.clone()) {
+                    push_outcome(&fetcher.client, &task, &outcome).await;
+                }
             })
         });
         let mut launch = Launch::new(token);
@@ -79,9 +93,12 @@ impl Distributor for HttpGetDistributor {
         payload_of(&execution.payload).ok()?.parsed_url().ok()
     }
 
-    /// This kind never pushes; anything that arrives is ignored.
-    async fn handle_notification(&self, _: &Execution, _: &Notification) -> Result<Option<Status>> {
-        Ok(None)
+    /// A push carries the outcome as JSON (see `core::push_outcome`); anything else is
+    /// ignored.
+    async fn handle_notification(&self, _: &Execution, n: &Notification) -> Result<Option<Status>> {
+        Ok(serde_json::from_slice::<Outcome>(&n.data)
+            .ok()
+            .map(Status::Finished))
     }
 
     /// Beyond the schema: the URL must parse and be `http`.
@@ -94,7 +111,7 @@ impl Distributor for HttpGetDistributor {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            push_notifications: false,
+            push_notifications: true,
             cancel: true,
             batch_status: false,
             recover: false,

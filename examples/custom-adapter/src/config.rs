@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use distributor_core::{ValidationError, Violation};
+use distributor_core::{Secret, ValidationError, Violation};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -11,6 +11,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpGetConfig {
+    /// A bearer token sent as `Authorization: Bearer …` with every GET: a [`Secret`]
+    /// (`{"env": NAME}`, `{"file": PATH}`, or the token itself for tests). Read when the
+    /// instance is built; never stored in execution snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<Secret>,
     /// Milliseconds one request may take, connecting included (default 30000).
     #[serde(default = "default_timeout_ms")]
     #[schemars(range(min = 1))]
@@ -30,6 +35,7 @@ pub struct HttpGetConfig {
 impl Default for HttpGetConfig {
     fn default() -> Self {
         Self {
+            auth: None,
             timeout_ms: default_timeout_ms(),
             retries: default_retries(),
             backoff_ms: default_backoff_ms(),

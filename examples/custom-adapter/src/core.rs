@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use distributor_core::{AbnormalKind, Error, Outcome, RequestId, Status, Token};
+use distributor_core::push::HttpPush;
+use distributor_core::{AbnormalKind, Error, Outcome, RequestId, Status, TaskDescription, Token};
 use serde_json::json;
 use tokio::task::AbortHandle;
 
@@ -42,11 +43,13 @@ impl Table {
         }
     }
 
-    /// Records how the work ended (unless it was cancelled first).
-    pub(crate) fn finish(&self, token: &Token, outcome: Outcome) {
+    /// Records how the work ended (unless it was cancelled first); true if it did.
+    pub(crate) fn finish(&self, token: &Token, outcome: Outcome) -> bool {
         if let Some(w @ Work::Running(_)) = self.lock().get_mut(token) {
             *w = Work::Done(outcome);
+            return true;
         }
+        false
     }
 
     /// The status of `token`; unknown tokens are `Missing`.
@@ -75,17 +78,65 @@ impl Table {
     }
 }
 
+/// What every GET of one instance shares.
+#[derive(Debug)]
+pub(crate) struct Fetcher {
+    pub(crate) client: reqwest::Client,
+    pub(crate) config: HttpGetConfig,
+    /// The resolved `auth` secret. Never printed: `Debug` of [`Bearer`] hides it.
+    pub(crate) bearer: Option<Bearer>,
+}
+
+/// A resolved bearer token.
+pub(crate) struct Bearer(pub(crate) String);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bearer(<redacted>)")
+    }
+}
+
+/// Tells the engine how the work ended by POSTing the outcome in the HTTP push format to the
+/// task's notification target (when the embedder configured one; otherwise the engine polls).
+/// Best effort: connection errors and 5xx are retried a few times with backoff, 4xx are not;
+/// polling covers a push that never arrives.
+pub(crate) async fn push_outcome(client: &reqwest::Client, task: &TaskDescription, o: &Outcome) {
+    let Some(target) = &task.notify.target else {
+        return;
+    };
+    let data = serde_json::to_value(o).unwrap_or_default();
+    let body = HttpPush::new(task.execution_id, &task.notify.auth_token, data)
+        .with_sequence(1)
+        .to_body();
+    let mut backoff = Duration::from_millis(50);
+    for _ in 0..4 {
+        let sent = client
+            .post(target)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone())
+            .send()
+            .await;
+        match sent {
+            Ok(r) if !r.status().is_server_error() => return,
+            _ => {
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+        }
+    }
+}
+
 /// GETs the payload's URL, retrying transient failures as configured, and says how it ended.
 pub(crate) async fn fetch(
-    client: &reqwest::Client,
-    config: &HttpGetConfig,
+    fetcher: &Fetcher,
     payload: &HttpGetPayload,
     request_id: &RequestId,
 ) -> Outcome {
+    let config = &fetcher.config;
     let mut backoff = Duration::from_millis(config.backoff_ms);
     let mut tries_left = config.retries;
     loop {
-        match get_once(client, config, payload, request_id).await {
+        match get_once(fetcher, payload, request_id).await {
             Ok(data) => return Outcome::Succeeded { data },
             Err(e) if e.is_transient() && tries_left > 0 => {
                 tries_left -= 1;
@@ -104,15 +155,19 @@ pub(crate) async fn fetch(
 }
 
 async fn get_once(
-    client: &reqwest::Client,
-    config: &HttpGetConfig,
+    fetcher: &Fetcher,
     payload: &HttpGetPayload,
     request_id: &RequestId,
 ) -> Result<serde_json::Value, Error> {
-    let mut req = client
+    let config = &fetcher.config;
+    let mut req = fetcher
+        .client
         .get(&payload.url)
         .timeout(Duration::from_millis(config.timeout_ms))
         .header("x-request-id", request_id.as_str());
+    if let Some(Bearer(token)) = &fetcher.bearer {
+        req = req.bearer_auth(token);
+    }
     for (k, v) in &payload.headers {
         req = req.header(k, v);
     }

@@ -1,6 +1,9 @@
 //! The conformance suite against the `http-get` kind, with a tiny HTTP server in this process:
-//! `/ok` answers 200, `/fail` 404, `/hang` never answers. The server logs each request's
-//! `x-request-id`, so the idempotency case counts real requests, not just tokens.
+//! `/ok` answers 200 to a request with the right bearer token (401 without), `/hang` never
+//! answers, anything else 404. The server logs each request's `x-request-id`, so the
+//! idempotency case counts real requests, not just tokens. The bearer token comes from a file
+//! (the config's `auth` is a `Secret`), and outcomes are pushed to the HTTP notification target
+//! the suite hands out, so `push_notifications_arrive` tests the HTTP push path.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -14,6 +17,9 @@ use serde_json::json;
 
 type Log = Arc<Mutex<Vec<String>>>;
 
+/// The bearer token the server expects; the adapter reads it from a file.
+const BEARER: &str = "conformance-bearer";
+
 /// Serves one connection: reads the request head, logs its request id, answers by path.
 fn serve(stream: TcpStream, log: &Log) {
     let mut reader = BufReader::new(match stream.try_clone() {
@@ -25,18 +31,22 @@ fn serve(stream: TcpStream, log: &Log) {
         return;
     }
     let mut line = String::new();
+    let mut authorized = false;
     while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
-        if let Some((k, v)) = line.split_once(':')
-            && k.eq_ignore_ascii_case("x-request-id")
-        {
-            log.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(v.trim().to_owned());
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("x-request-id") {
+                log.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(v.trim().to_owned());
+            } else if k.eq_ignore_ascii_case("authorization") {
+                authorized = v.trim() == format!("Bearer {BEARER}");
+            }
         }
         line.clear();
     }
     let path = request_line.split_whitespace().nth(1).unwrap_or("/");
     let (status, body) = match path {
+        "/ok" if !authorized => ("401 Unauthorized", "no"),
         "/ok" => ("200 OK", "hello"),
         "/hang" => {
             // Hold the connection open without answering; the client's cancel drops it.
@@ -78,7 +88,20 @@ fn main() -> ExitCode {
             std::thread::spawn(move || serve(stream, &log));
         }
     });
-    Suite::new::<HttpGetConfig>(json!({ "timeout_ms": 120_000, "retries": 0 }))
+    let secrets = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("conformance::http-get: no temp dir: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let token_file = secrets.path().join("bearer");
+    if let Err(e) = std::fs::write(&token_file, format!("{BEARER}\n")) {
+        eprintln!("conformance::http-get: {e}");
+        return ExitCode::FAILURE;
+    }
+    let config = json!({ "timeout_ms": 120_000, "retries": 0, "auth": { "file": token_file } });
+    let code = Suite::new::<HttpGetConfig>(config)
         .payloads(Payloads {
             succeeds: json!({ "url": format!("{base}/ok") }),
             fails: Some(json!({ "url": format!("{base}/missing") })),
@@ -109,5 +132,7 @@ fn main() -> ExitCode {
         })
         .timeout(Duration::from_secs(30))
         .poll_interval(Duration::from_millis(20))
-        .run_main()
+        .run_main();
+    drop(secrets);
+    code
 }

@@ -125,8 +125,9 @@ use harness::Harness;
 pub struct Payloads {
     /// Finishes `Succeeded` well within the suite timeout.
     pub succeeds: Value,
-    /// Finishes `Abnormal { kind: Failed }`; `None` if the kind cannot express failing work
-    /// (its case is then reported ignored).
+    /// Finishes `Abnormal { kind: Failed }`; `None` if the kind cannot express failing work:
+    /// `run_failure_is_failed` is then left out of the trial list (and named on stderr), like a
+    /// case whose capability is not declared.
     pub fails: Option<Value>,
     /// Keeps running for at least 60 s unless cancelled.
     pub runs_long: Value,
