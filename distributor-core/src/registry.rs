@@ -229,6 +229,7 @@ pub struct Registration {
     payload_schema: fn() -> SchemaValidator,
     factory: Factory,
     check: fn(&Value, &Registry) -> Result<(), ValidationError>,
+    snapshot: fn(&Value) -> Result<Value>,
 }
 
 inventory::collect!(Registration);
@@ -250,6 +251,7 @@ impl Registration {
             payload_schema: SchemaValidator::of::<C::Payload>,
             factory: factory::<C>,
             check: C::validate_config,
+            snapshot: snapshot_of::<C>,
         }
     }
 
@@ -283,6 +285,18 @@ fn factory<C: KindConfig>(
             .await
             .map_err(|e| in_instance(e, &name, C::KIND))?;
         Ok((built, snapshot))
+    })
+}
+
+/// A config as the kind's type serializes it (secret literals redacted).
+fn snapshot_of<C: KindConfig>(config: &Value) -> Result<Value> {
+    let typed: C = serde_json::from_value(config.clone())
+        .map_err(|e| Error::permanent(format!("config of kind `{}`: {e}", C::KIND)))?;
+    serde_json::to_value(&typed).map_err(|e| {
+        Error::permanent(format!(
+            "config of kind `{}` cannot be serialized for its snapshot: {e}",
+            C::KIND
+        ))
     })
 }
 
@@ -349,6 +363,16 @@ impl Kind {
             e
         })
     }
+    /// The config as an execution snapshot stores it: deserialized into the kind's type and
+    /// serialized again, so [`Secret`](crate::Secret) literals come out redacted. A kind whose
+    /// config embeds other kinds' configs (as JSON values) calls this on each of them in its
+    /// own serialization, or their secrets reach the snapshot in clear text.
+    ///
+    /// Errors (permanent): the config does not deserialize into the kind's type.
+    pub fn snapshot(&self, config: &Value) -> Result<Value> {
+        (self.registration.snapshot)(config)
+    }
+
     /// Checks a payload against the kind's payload schema.
     pub fn validate_payload(&self, payload: &Value) -> Result<(), ValidationError> {
         self.payload_schema.validate(

@@ -151,3 +151,14 @@ async fn factory_errors_name_the_instance_and_kind() {
         "{text}"
     );
 }
+
+#[test]
+fn kind_snapshot_redacts_a_nested_config() {
+    let kind = registry().kind("vault").unwrap().clone();
+    let snap = kind
+        .snapshot(&json!({"token": "let-me-in", "backend": "b"}))
+        .unwrap();
+    assert_eq!(snap, json!({"token": {"redacted": true}, "backend": "b"}));
+    let err = kind.snapshot(&json!({"token": 5})).unwrap_err();
+    assert!(err.to_string().contains("config of kind `vault`"), "{err}");
+}

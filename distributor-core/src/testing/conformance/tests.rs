@@ -541,3 +541,32 @@ fn a_failing_setup_fails_every_trial() {
         "{failed:?}"
     );
 }
+
+#[tokio::test]
+async fn the_http_endpoint_answers_as_the_push_format_says() {
+    use super::endpoint::{Endpoint, Received};
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let ep = Endpoint::start(tx).await.unwrap();
+    let url = ep.url().to_owned();
+    let ok = br#"{"execution_id": 7, "attributes": {"auth_token": "t"}, "data": {"a": 1}}"#;
+    assert_eq!(post(&url, ok).await.unwrap(), 200);
+    match rx.recv().await {
+        Some(Received::Push(id, n)) => {
+            assert_eq!(id, ExecutionId(7));
+            assert_eq!(n.data, br#"{"a":1}"#);
+            assert_eq!(n.attributes["auth_token"], "t");
+        }
+        other => panic!("expected a push, got {other:?}"),
+    }
+    let refused = |rx: &mut mpsc::UnboundedReceiver<Received>| match rx.try_recv() {
+        Ok(Received::Refused(why)) => why,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert_eq!(post(&url, br#"{"execution_id": 7}"#).await.unwrap(), 401);
+    assert!(refused(&mut rx).contains("/attributes/auth_token"));
+    assert_eq!(post(&url, br#"{"execution_id": "7"}"#).await.unwrap(), 400);
+    assert!(refused(&mut rx).contains("`/execution_id`"));
+    let elsewhere = url.replace("/conformance/notify", "/v1/notify");
+    assert_eq!(post(&elsewhere, ok).await.unwrap(), 404);
+    assert!(refused(&mut rx).starts_with("404: POST /v1/notify"));
+}
