@@ -148,6 +148,19 @@ impl Harness {
         .await
         .map_err(|_| format!("building the instance took over {:?}", shared.timeout))?
         .map_err(|e| format!("building the instance failed: {e}"))?;
+        // The snapshot every execution stores MUST read back as the same config (the engine
+        // rebuilds instances from it); a config type whose Serialize and Deserialize disagree
+        // would lose in-flight work after a config change.
+        match kind.snapshot(built.config()) {
+            Ok(again) if &again == built.config() => {}
+            Ok(again) => {
+                return Err(format!(
+                    "the config snapshot does not read back as itself: {} became {again}",
+                    built.config()
+                ));
+            }
+            Err(e) => return Err(format!("the config snapshot does not read back: {e}")),
+        }
         tokio::spawn(drive_deferred(
             Arc::downgrade(built.distributor()),
             deferred_rx,

@@ -70,6 +70,9 @@
 //!
 //! Long work started by a case is cancelled at its end when the adapter can cancel.
 //!
+//! Every instance a trial builds is also checked for its config snapshot (what each execution
+//! stores, see [`Kind::build`]): it MUST read back as itself, or the trial fails.
+//!
 //! # Notifications
 //!
 //! Each trial serves an HTTP notification endpoint on `127.0.0.1` (a port of its own) and
