@@ -71,8 +71,14 @@ fn main() -> ExitCode {
                     json!({ "command": ["x"], "dimensions": { "pool": "other" } }),
                     "/dimensions/pool".into(),
                 ),
-                (json!({ "command": ["x"], "priority": 0 }), "/priority".into()),
-                (json!({ "command": ["x"], "tags": ["no-colon"] }), "/tags/0".into()),
+                (
+                    json!({ "command": ["x"], "priority": 0 }),
+                    "/priority".into(),
+                ),
+                (
+                    json!({ "command": ["x"], "tags": ["no-colon"] }),
+                    "/tags/0".into(),
+                ),
             ],
         })
         .count_starts(move |request_id| {

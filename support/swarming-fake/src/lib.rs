@@ -179,6 +179,11 @@ impl FakeSwarming {
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let shared = Shared::new(options);
         let app = server::router(Arc::clone(&shared));
+        // Without TCP_NODELAY a large reply (a BatchGetResult of 1000 results) stalls on
+        // delayed ACKs.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let server = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::warn!(error = %e, "swarming fake stopped");

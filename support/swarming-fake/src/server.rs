@@ -99,7 +99,21 @@ struct Counters {
 struct Tasks {
     by_key: HashMap<u64, Task>,
     by_uuid: HashMap<String, (u64, SystemTime)>,
-    next: u64,
+}
+
+/// The next task key. Process-wide, so two fakes never hand out the same task id; it starts
+/// from the clock so that ids look like real (time-based) ones and differ between runs.
+fn next_key() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(|| {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        (u64::try_from(ms).unwrap_or(0) & 0xff_ffff_ffff) << 16
+    });
+    base + NEXT.fetch_add(1, Ordering::Relaxed) + 1
 }
 
 #[derive(Debug)]
@@ -149,18 +163,10 @@ enum Signal {
 impl Shared {
     pub(crate) fn new(options: Options) -> Arc<Self> {
         let bots = options.bots;
-        let seed = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
         Arc::new(Self {
             options,
             config: Mutex::new(Config::default()),
-            tasks: Mutex::new(Tasks {
-                // Ids look like the real ones (time-based) and differ between two fakes.
-                next: (u64::try_from(seed).unwrap_or(0) & 0xff_ffff_ffff) << 16,
-                ..Tasks::default()
-            }),
+            tasks: Mutex::new(Tasks::default()),
             bots: Arc::new(Semaphore::new(bots)),
             idle_bots: Mutex::new((0..bots).rev().collect()),
             counters: Counters::default(),
@@ -506,8 +512,7 @@ fn new_task(s: &Arc<Shared>, identity: &str, req: &Map<String, Value>) -> Result
         s.counters.new_task_calls.fetch_add(1, Ordering::Relaxed);
         return Ok(out);
     }
-    tasks.next += 1;
-    let key = tasks.next;
+    let key = next_key();
     let task_id = summary_id(key);
     if let Some(r) = request.as_object_mut() {
         r.insert("taskId".into(), json!(task_id));

@@ -544,3 +544,15 @@ async fn bots_are_a_limited_resource_and_expire_pending_work() {
     let r = wait_state(&fake, id.as_str().unwrap(), "EXPIRED").await;
     assert!(r.get("botId").is_none() && r.get("runId").is_none());
 }
+
+#[tokio::test]
+async fn two_fakes_are_two_servers_with_distinct_task_ids() {
+    let a = FakeSwarming::start().await.unwrap();
+    let b = FakeSwarming::start().await.unwrap();
+    assert_ne!(a.url(), b.url());
+    let ta = call(&a, "NewTask", &request("u")).await.json()["taskId"].clone();
+    let tb = call(&b, "NewTask", &request("u")).await.json()["taskId"].clone();
+    assert_ne!(ta, tb);
+    let r = call(&b, "GetResult", &json!({"task_id": ta})).await;
+    assert_eq!(r.code.as_deref(), Some("5"), "b does not know a's task");
+}
