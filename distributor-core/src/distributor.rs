@@ -119,7 +119,7 @@ pub trait Distributor: Send + Sync + Debug + 'static {
     }
 
     /// Handles a runtime control request addressed to this instance (an operator setting a
-    /// switch's cutover time), through [`Engine::control`](crate::Engine::control). The request
+    /// cutover time), through [`Engine::control`](crate::Engine::control). The request
     /// and the answer are JSON documents whose shape each kind documents; a kind that takes
     /// control requests MUST refuse a malformed one with a permanent error (or
     /// [`Error::Validation`] naming the bad field by JSON Pointer), MUST make any change it

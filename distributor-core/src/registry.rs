@@ -55,7 +55,7 @@ pub trait KindConfig: DeserializeOwned + Serialize + JsonSchema + Send + Sync + 
     async fn build(self, ctx: BuildContext) -> Result<Arc<dyn Distributor>>;
 
     /// Checks of a config document beyond its JSON Schema that need the registry: a kind whose
-    /// config embeds other kinds' configs (a switch between two distributors) validates them
+    /// config embeds other kinds' configs (a kind that routes between two distributors) validates them
     /// here against their own kinds, naming each problem by a JSON Pointer into *this* document
     /// (`/before/url`). Runs at load ([`DistributorsConfig`] and
     /// [`Kind::validate_config_in`]), after the schema check passed, before any factory. It MUST
@@ -110,8 +110,8 @@ impl BuildContext {
         }
     }
 
-    /// The context for an instance built inside this one under `scope` (a switch's `before`
-    /// side): the same deferred queue, notifier and registry (deferred work and pushes are
+    /// The context for an instance built inside this one under `scope` (one side of a
+    /// kind that routes between two): the same deferred queue, notifier and registry (deferred work and pushes are
     /// attributed to this instance, which routes them), the name `<name>/<scope>`, and the
     /// state scoped under `<scope>/`.
     pub fn child(&self, scope: &str) -> Self {

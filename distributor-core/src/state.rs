@@ -2,7 +2,7 @@
 //!
 //! Most adapters keep their per-execution state in the [`AdapterHandle`](crate::AdapterHandle)
 //! the engine persists with each execution. Some need state of the *instance*, set at runtime and
-//! surviving restarts (a switch's cutover time, a migration watermark). [`InstanceState`] is that:
+//! surviving restarts (a cutover time set by an operator, a migration watermark). [`InstanceState`] is that:
 //! a handle in the [`BuildContext`](crate::BuildContext) that reads and writes metadata values in
 //! the engine's [`Store`] under the key `distributor/<instance name>/<key>`
 //! ([`Write::Meta`] and [`Store::meta`], so every store supports it without a new method).
@@ -82,7 +82,7 @@ impl InstanceState {
     }
 
     /// A handle to the values under `<this prefix><scope>/`: for an instance an adapter builds
-    /// inside itself (a switch's two sides), so their keys cannot collide with its own.
+    /// inside itself (the two sides of a migration), so their keys cannot collide with its own.
     pub fn scoped(&self, scope: &str) -> Self {
         Self {
             prefix: format!("{}{scope}/", self.prefix),
