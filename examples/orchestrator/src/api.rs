@@ -6,6 +6,7 @@ use distributor_core::engine::HistoryEntry;
 use distributor_core::{
     Engine, ExecutionRecord, Outcome, RetryPolicy, State, Task, Timestamp, Violation,
 };
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -13,7 +14,7 @@ use crate::duration::HumanDuration;
 use crate::taskfile::{TaskSpec, TimeoutsSpec};
 
 /// Body of `POST /v1/executions`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
     /// The distributor instance (or alias).
@@ -72,7 +73,7 @@ impl From<&TaskSpec> for SubmitRequest {
 }
 
 /// Answer to a submit.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Submitted {
     /// The first execution's id (also the task id).
     pub id: u64,
@@ -81,7 +82,7 @@ pub struct Submitted {
 }
 
 /// What the API shows of one execution.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ExecutionView {
     /// The execution.
     pub id: u64,
@@ -95,9 +96,11 @@ pub struct ExecutionView {
     pub kind: String,
     /// Where it is (`running`, `succeeded`, `timed_out`…).
     #[serde(with = "state_str")]
+    #[schemars(with = "String")]
     pub state: State,
     /// The outcome, once terminal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<serde_json::Map<String, Value>>")]
     pub outcome: Option<Outcome>,
     /// The backend's token, once dispatched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -114,11 +117,14 @@ pub struct ExecutionView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info_url: Option<String>,
     /// Creation time, milliseconds since the epoch.
+    #[schemars(with = "i64")]
     pub created_at: Timestamp,
     /// Last change, milliseconds since the epoch.
+    #[schemars(with = "i64")]
     pub updated_at: Timestamp,
     /// Transitions, oldest first (only in single-execution answers).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<serde_json::Map<String, Value>>")]
     pub history: Vec<HistoryEntry>,
 }
 
@@ -153,14 +159,14 @@ impl ExecutionView {
 }
 
 /// Every error answer: `{"error": {...}}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorResponse {
     /// The error.
     pub error: ErrorBody,
 }
 
 /// What went wrong, and where.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorBody {
     /// A stable machine-readable code: `invalid_request` (400), `invalid_payload` and
     /// `unknown_distributor` (422), `not_found` (404), `method_not_allowed` (405),
@@ -179,6 +185,7 @@ pub struct ErrorBody {
     pub parameter: Option<String>,
     /// Every payload violation (for `invalid_payload`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<serde_json::Map<String, Value>>")]
     pub violations: Vec<Violation>,
 }
 

@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod duration;
 mod page;
+pub mod openapi;
 pub mod run;
 pub mod security;
 pub mod serve;

@@ -9,6 +9,7 @@
 //! | `POST /v1/executions/{id}/poke` | poll the backend now → 202 |
 //! | `POST /v1/notify` | a push: Google Pub/Sub push JSON or plain JSON |
 //! | `GET /v1/kinds` | registered kinds, their config and payload schemas, configured names |
+//! | `GET /v1/openapi.json` | the OpenAPI 3.1 document ([`crate::openapi`]) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /healthz` | liveness (the store answers) |
 //! | `GET /` | an HTML status page |
@@ -107,6 +108,7 @@ pub fn routes(engine: Engine) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/v1/kinds", get(kinds))
+        .route("/v1/openapi.json", get(openapi_doc))
         .route("/v1/executions", post(submit).get(list))
         .route("/v1/executions/{id}", get(get_one))
         .route("/v1/executions/{id}/cancel", post(cancel))
@@ -526,11 +528,11 @@ async fn list(
     Ok(axum::Json(json!({ "executions": views })))
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CancelRequest {
-    #[serde(default)]
-    reason: Option<String>,
+use crate::openapi::CancelRequest;
+
+async fn openapi_doc() -> axum::Json<Value> {
+    static DOC: OnceLock<Value> = OnceLock::new();
+    axum::Json(DOC.get_or_init(crate::openapi::document).clone())
 }
 
 async fn cancel(

@@ -72,7 +72,9 @@ fn default_distributor() -> String {
 }
 
 /// Per-phase time limits, each a duration with a unit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutsSpec {
     /// Until the work is seen running (else it ends `expired`).

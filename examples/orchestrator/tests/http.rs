@@ -698,3 +698,40 @@ async fn an_idempotency_key_makes_a_resubmission_answer_the_first_id() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn the_openapi_document_is_served_without_a_token_and_describes_the_answers() {
+    let s = server("http-openapi").await;
+    let r = reqwest::get(format!("{}/v1/openapi.json", s.base))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let doc: Value = r.json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    for path in [
+        "/v1/executions",
+        "/v1/executions/{id}",
+        "/v1/executions/{id}/cancel",
+        "/v1/executions/{id}/poke",
+        "/v1/notify",
+        "/v1/kinds",
+        "/healthz",
+        "/metrics",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} is documented");
+    }
+    // The view's fields are those the server answers with.
+    let (_, v) = s
+        .post(
+            "/v1/executions",
+            r#"{"distributor": "fake", "payload": {}}"#,
+        )
+        .await;
+    let done = s.until_terminal(v["id"].as_u64().unwrap()).await;
+    let props = doc["components"]["schemas"]["ExecutionView"]["properties"]
+        .as_object()
+        .unwrap();
+    for k in done.as_object().unwrap().keys() {
+        assert!(props.contains_key(k), "`{k}` is in the document");
+    }
+}
