@@ -206,14 +206,24 @@ fn list<T: fmt::Display>(items: &[T]) -> String {
 }
 
 /// The nearest candidate to `input` by edit distance, if it is close enough to be a plausible
-/// typo (Jaro-Winkler similarity ≥ 0.8).
+/// typo (Jaro-Winkler similarity ≥ 0.8, or for short names one edit or swap of neighbours).
 pub fn nearest<'a>(input: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let candidates: Vec<&str> = candidates.into_iter().collect();
     candidates
-        .into_iter()
-        .map(|c| (strsim::jaro_winkler(input, c), c))
+        .iter()
+        .map(|c| (strsim::jaro_winkler(input, c), *c))
         .filter(|(score, _)| *score >= 0.8)
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, c)| c.to_owned())
+        .or_else(|| {
+            // Short names defeat Jaro-Winkler (`evn` vs `env`): one edit or one swap of
+            // neighbours, in a name of at least 3 characters, is a slip too.
+            candidates
+                .iter()
+                .filter(|c| input.chars().count() >= 3 && strsim::osa_distance(input, c) == 1)
+                .min()
+                .map(|c| (*c).to_owned())
+        })
 }
 
 /// One schema violation.
@@ -316,6 +326,24 @@ impl fmt::Display for ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_names_get_suggestions_too() {
+        assert_eq!(
+            nearest("evn", ["env", "argv", "cwd"]).as_deref(),
+            Some("env")
+        );
+        assert_eq!(
+            nearest("cdw", ["env", "argv", "cwd"]).as_deref(),
+            Some("cwd")
+        );
+        assert_eq!(
+            nearest("payloda", ["payload", "labels"]).as_deref(),
+            Some("payload")
+        );
+        assert_eq!(nearest("xyz", ["env", "argv", "cwd"]), None);
+        assert_eq!(nearest("ab", ["ba"]), None);
+    }
 
     #[test]
     fn only_transient_errors_are_transient() {
