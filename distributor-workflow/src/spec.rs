@@ -418,7 +418,12 @@ impl WorkflowSpec {
             }
         }
         let order = self.topological();
-        if order.len() < self.steps.len() && seen.len() == self.steps.len() {
+        // A step with an unknown dependency is never ordered; that is not a cycle.
+        let all_known = self
+            .steps
+            .iter()
+            .all(|s| s.depends_on.iter().all(|d| names.contains(d.as_str())));
+        if order.len() < self.steps.len() && seen.len() == self.steps.len() && all_known {
             let in_cycle: Vec<&str> = self
                 .steps
                 .iter()
