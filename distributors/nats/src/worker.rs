@@ -196,6 +196,10 @@ impl Records {
             held: tokio::sync::Mutex::new((active.clone(), rev)),
         };
         let half_lease_ms = i64::try_from(lease.as_millis() / 2).unwrap_or(i64::MAX);
+        // Most deliveries are first activations: try the create before reading.
+        if let Write::Done(rev) = self.create(&job.request_id, &active).await? {
+            return Ok(Activation::Activated(Box::new(hold(rev))));
+        }
         loop {
             let write = match self.read_stored(&job.request_id).await? {
                 None => self.create(&job.request_id, &active).await?,
