@@ -696,3 +696,83 @@ depends_on = ["a"]
         "{v:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_after_recording_but_before_the_submit_submits_once_on_resume() {
+    use distributor_workflow::{RunDoc, StepDoc, UnitDoc};
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let e = engine_on("wf-before", store.clone(), Clock::new()).await;
+    // What a crash between "units recorded as submitting" and the engine's submit leaves: the
+    // run's documents, and no execution.
+    let s = spec(
+        r#"
+name = "before"
+[[steps]]
+name = "a"
+distributor = "fake"
+for_each = ["x", "y"]
+payload = { outcome = { outcome = "succeeded", data = "{{ item }}" } }
+"#,
+    );
+    let run = RunId("0000000000001-beef".into());
+    let now = e.clock().now();
+    let doc = RunDoc {
+        id: run.clone(),
+        spec: s,
+        params: BTreeMap::new(),
+        state: RunState::Running,
+        created_at: now,
+        updated_at: now,
+        finished_at: None,
+    };
+    let step = StepDoc {
+        state: StepState::Running,
+        generation: 0,
+        units: 2,
+        started_at: Some(now),
+        finished_at: None,
+        result: None,
+        error: None,
+    };
+    let unit = |i: u32, item: &str| UnitDoc {
+        index: i,
+        generation: 0,
+        item: Some(json!(item)),
+        state: UnitState::Submitting,
+        execution: None,
+        last_execution: None,
+        result: None,
+        error: None,
+        started_at: Some(now),
+        finished_at: None,
+    };
+    e.put_meta(vec![
+        (
+            format!("workflow/runs/{run}"),
+            serde_json::to_string(&doc).unwrap(),
+        ),
+        (
+            format!("workflow/steps/{run}/a"),
+            serde_json::to_string(&step).unwrap(),
+        ),
+        (
+            format!("workflow/units/{run}/a/000000"),
+            serde_json::to_string(&unit(0, "x")).unwrap(),
+        ),
+        (
+            format!("workflow/units/{run}/a/000001"),
+            serde_json::to_string(&unit(1, "y")).unwrap(),
+        ),
+    ])
+    .await
+    .unwrap();
+    let w = Workflows::open(e).await.unwrap();
+    let done = w.wait(&run).await.unwrap();
+    assert_eq!(done.run.state, RunState::Succeeded);
+    assert_eq!(done.steps["a"].result, Some(json!(["x", "y"])));
+    assert_eq!(
+        executions(&w, &run, "a").await,
+        2,
+        "each unit submitted once"
+    );
+}
