@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use url::Url;
 
-use crate::config::{Side, SwitchConfig};
+use crate::config::{Side, SwitchConfig, check_side};
 use crate::core::{Interval, Request, Router, interval_of};
 use crate::error::SwitchError;
 
@@ -45,12 +45,23 @@ impl SwitchDistributor {
     /// Errors: a side's kind is not registered or its config is invalid (permanent, naming the
     /// field under `/before` or `/after`); a side's own build error.
     pub(crate) async fn build(config: SwitchConfig, ctx: BuildContext) -> Result<Self> {
-        let value = serde_json::to_value(&config)
-            .map_err(|e| Error::permanent_from("cannot encode the switch config", e))?;
-        SwitchConfig::validate_config(&value, &ctx.registry).map_err(|mut e| {
-            e.subject = format!("config of distributor `{}`", ctx.name);
-            Error::Validation(e)
-        })?;
+        let mut violations = Vec::new();
+        for side in Side::BOTH {
+            let inner = config.side(side);
+            check_side(
+                side,
+                &inner.kind,
+                &inner.config,
+                &ctx.registry,
+                &mut violations,
+            );
+        }
+        if !violations.is_empty() {
+            return Err(Error::Validation(ValidationError {
+                subject: format!("config of distributor `{}`", ctx.name),
+                violations,
+            }));
+        }
         let before = build_side(&config, Side::Before, &ctx).await?;
         let after = build_side(&config, Side::After, &ctx).await?;
         let (b, a) = (

@@ -1,13 +1,13 @@
 //! The `switch` kind's config ([`SwitchConfig`]) and payload ([`SwitchPayload`]) types.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use distributor_core::reexports::async_trait;
 use distributor_core::{
     BuildContext, Distributor, KindConfig, Registry, Result, ValidationError, Violation,
 };
 use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 use crate::backend::SwitchDistributor;
@@ -56,7 +56,11 @@ fn default_history_limit() -> u32 {
 
 /// One side of a switch: a distributor config with its `kind`, as it would appear in the
 /// `distributors` table.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+///
+/// It serializes as its kind's config type serializes it ([`Kind::snapshot`]
+/// (distributor_core::Kind::snapshot), for kinds registered through inventory), so secret
+/// literals of a side never reach an execution's config snapshot in clear text.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 pub struct InnerConfig {
     /// The kind of this side (any registered kind, `switch` included).
     pub kind: String,
@@ -69,6 +73,56 @@ impl InnerConfig {
     /// The config without `kind`, as its kind's factory takes it.
     pub fn config_value(&self) -> Value {
         Value::Object(self.config.clone())
+    }
+}
+
+impl Serialize for InnerConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        static LINKED: OnceLock<Option<Registry>> = OnceLock::new();
+        let linked = LINKED.get_or_init(|| Registry::from_inventory().ok());
+        let snapshot = linked
+            .as_ref()
+            .and_then(|r| r.kind(&self.kind).ok())
+            .and_then(|k| k.snapshot(&self.config_value()).ok());
+        let mut m = match snapshot {
+            Some(Value::Object(m)) => m,
+            _ => self.config.clone(),
+        };
+        m.insert("kind".into(), Value::String(self.kind.clone()));
+        m.serialize(s)
+    }
+}
+
+/// Checks one side (`kind` and the rest of its config) against its kind, pushing problems with
+/// pointers under `/<side>`.
+pub(crate) fn check_side(
+    side: Side,
+    kind: &str,
+    rest: &Map<String, Value>,
+    registry: &Registry,
+    violations: &mut Vec<Violation>,
+) {
+    let k = match registry.kind(kind) {
+        Ok(k) => k,
+        Err(e) => {
+            violations.push(Violation {
+                pointer: format!("/{side}/kind"),
+                expected: "a registered kind".into(),
+                message: e.to_string(),
+                suggestion: None,
+            });
+            return;
+        }
+    };
+    if let Err(e) = k.validate_config_in(
+        registry,
+        &format!("{side} side"),
+        &Value::Object(rest.clone()),
+    ) {
+        violations.extend(e.violations.into_iter().map(|mut v| {
+            v.pointer = format!("/{side}{}", v.pointer);
+            v
+        }));
     }
 }
 
@@ -130,28 +184,9 @@ impl KindConfig for SwitchConfig {
             let Some(kind) = inner.get("kind").and_then(Value::as_str) else {
                 continue;
             };
-            let k = match registry.kind(kind) {
-                Ok(k) => k,
-                Err(e) => {
-                    violations.push(Violation {
-                        pointer: format!("/{side}/kind"),
-                        expected: "a registered kind".into(),
-                        message: e.to_string(),
-                        suggestion: None,
-                    });
-                    continue;
-                }
-            };
             let mut rest = inner.clone();
             rest.remove("kind");
-            if let Err(e) =
-                k.validate_config_in(registry, &format!("{side} side"), &Value::Object(rest))
-            {
-                violations.extend(e.violations.into_iter().map(|mut v| {
-                    v.pointer = format!("/{side}{}", v.pointer);
-                    v
-                }));
-            }
+            check_side(side, kind, &rest, registry, &mut violations);
         }
         if violations.is_empty() {
             Ok(())

@@ -583,3 +583,42 @@ async fn cancel_goes_to_the_side_that_ran_the_execution() {
         assert!(!other.calls().contains(&Call::Cancel { token }));
     }
 }
+
+/// A kind with a secret, registered through inventory like a real adapter.
+#[derive(Debug, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct SecretiveConfig {
+    token: distributor_core::Secret,
+}
+
+#[distributor_core::reexports::async_trait]
+impl distributor_core::KindConfig for SecretiveConfig {
+    const KIND: &'static str = "switch-test-secretive";
+    type Payload = Value;
+    async fn build(
+        self,
+        _: distributor_core::BuildContext,
+    ) -> distributor_core::Result<Arc<dyn distributor_core::Distributor>> {
+        Err(Error::permanent("never built"))
+    }
+}
+
+distributor_core::reexports::inventory::submit!(distributor_core::Registration::of::<
+    SecretiveConfig,
+>());
+
+#[test]
+fn a_sides_secret_literal_is_redacted_in_the_config_snapshot() {
+    let registry = Registry::from_inventory().unwrap();
+    let kind = registry.kind("switch").unwrap();
+    let config = json!({
+        "before": { "kind": "switch-test-secretive", "token": "hunter2" },
+        "after": { "kind": "switch-test-secretive", "token": { "env": "GO_TOKEN" } },
+    });
+    kind.validate_config_in(&registry, "test", &config).unwrap();
+    let snapshot = kind.snapshot(&config).unwrap();
+    assert!(!snapshot.to_string().contains("hunter2"), "{snapshot}");
+    assert_eq!(snapshot["before"]["token"], json!({ "redacted": true }));
+    assert_eq!(snapshot["before"]["kind"], "switch-test-secretive");
+    assert_eq!(snapshot["after"]["token"], json!({ "env": "GO_TOKEN" }));
+}
