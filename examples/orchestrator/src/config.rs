@@ -567,6 +567,49 @@ mod tests {
     }
 
     #[test]
+    fn server_table_is_checked_and_resolves_tokens_and_limits() {
+        let doc: Value = toml::from_str(
+            "[server]\nallowed_hosts = [\"orch.internal\"]\nheader_timeout = \"3s\"\n\
+             [[server.tokens]]\nname = \"ci\"\ntoken = \"0123456789abcdef0123\"\n\
+             scopes = [\"submit\", \"read\"]\n[store]\npath = \":memory:\"\n",
+        )
+        .unwrap();
+        let c = OrchestratorConfig::from_value(&reg(), "t", &doc).unwrap();
+        let setup = c.server_setup("127.0.0.1:8080".parse().unwrap()).unwrap();
+        assert_eq!(
+            setup.token_file, None,
+            "configured tokens: nothing generated"
+        );
+        assert_eq!(setup.security.tokens.len(), 1);
+        assert_eq!(
+            setup.limits.header_timeout,
+            std::time::Duration::from_secs(3)
+        );
+        // Every interface needs allowed_hosts.
+        let bare = OrchestratorConfig::from_value(&reg(), "t", &json!({})).unwrap();
+        let e = bare
+            .server_setup("0.0.0.0:8080".parse().unwrap())
+            .unwrap_err();
+        assert!(e.contains("allowed_hosts"), "{e}");
+        // Typos and bad scopes are named with their pointer.
+        let doc: Value = toml::from_str("[server]\nallowed_host = [\"x\"]\n").unwrap();
+        let Err(Error::Config(e)) = OrchestratorConfig::from_value(&reg(), "t", &doc) else {
+            panic!("expected a config error");
+        };
+        let text = e.to_string();
+        assert!(text.contains("/server/allowed_host"), "{text}");
+        assert!(text.contains("did you mean `allowed_hosts`"), "{text}");
+        let doc: Value = toml::from_str(
+            "[[server.tokens]]\ntoken = \"0123456789abcdef0123\"\nscopes = [\"rea\"]\n",
+        )
+        .unwrap();
+        let Err(Error::Config(e)) = OrchestratorConfig::from_value(&reg(), "t", &doc) else {
+            panic!("expected a config error");
+        };
+        assert!(e.to_string().contains("/server/tokens/0/scopes/0"), "{e}");
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_pointer() {
         let doc: Value = toml::from_str(
             "[engine]\npoll_intervall = \"2s\"\nstop_polls = \"many\"\nbackoff_max = \"2 weeks\"\n\
