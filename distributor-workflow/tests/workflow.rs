@@ -776,3 +776,15 @@ payload = { outcome = { outcome = "succeeded", data = "{{ item }}" } }
         "each unit submitted once"
     );
 }
+
+#[test]
+fn the_demo_workflow_is_valid() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/workflows/release.toml");
+    let s = WorkflowSpec::load(&path).unwrap();
+    assert_eq!(
+        s.topological(),
+        ["fetch", "build", "test", "approve", "publish"]
+    );
+    assert!(s.step("approve").unwrap().approval.is_some());
+}
