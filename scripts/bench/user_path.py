@@ -15,8 +15,7 @@ local  `orchestrator run` of N_LOCAL tasks `{argv: ["true"]}` on the default con
 pool   `orchestrator run` of N_POOL no-op tasks (`jobs`, task type `echo`) with 2 `jobs-worker`
        processes of capacity 1, started as soon as the Jobs API listens; and `orchestrator
        serve` with the same workers, the tasks submitted over HTTP by a keep-alive client (one
-       POST per task; with --batch, the batch endpoint when the server has it), timed from the
-       first submit until the last task is terminal. Baseline: Celery 5 + Redis, `--concurrency
+       POST per task), timed from the first submit until the last task is terminal. Baseline: Celery 5 + Redis, `--concurrency
        2`, the same N (scripts/bench/celery/run.py).
 
 Prints every figure and the ratios (lower is better for orchestrator ÷ baseline).
@@ -191,7 +190,7 @@ class Api:
         return r.status, payload
 
 
-def bench_pool_serve(args, bins, rnd, out, batch):
+def bench_pool_serve(args, bins, rnd, out):
     work = os.path.join(args.dir, f"pool-serve-{rnd}")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
@@ -210,18 +209,10 @@ def bench_pool_serve(args, bins, rnd, out, batch):
         api = Api(api_port, token)
         task = {"distributor": "pool", "payload": {"task_type": "echo", "input": {}}}
         t0 = time.perf_counter()
-        if batch:
-            chunk = 500
-            for i in range(0, args.n_pool, chunk):
-                k = min(chunk, args.n_pool - i)
-                status, body = api.call("POST", "/v1/executions/batch", {"tasks": [task] * k})
-                if status != 201:
-                    raise SystemExit(f"batch submit: {status} {body[:500]!r}")
-        else:
-            for _ in range(args.n_pool):
-                status, body = api.call("POST", "/v1/executions", task)
-                if status != 201:
-                    raise SystemExit(f"submit: {status} {body[:500]!r}")
+        for _ in range(args.n_pool):
+            status, body = api.call("POST", "/v1/executions", task)
+            if status != 201:
+                raise SystemExit(f"submit: {status} {body[:500]!r}")
         live = "/v1/executions?state=queued,dispatching,pending,running,cancelling&limit=1"
         while True:
             status, body = api.call("GET", live)
@@ -236,10 +227,8 @@ def bench_pool_serve(args, bins, rnd, out, batch):
         dt = time.perf_counter() - t0
     finally:
         stop(procs)
-    key = "pool serve batch" if batch else "pool serve"
-    out[key].append(dt)
-    how = "batch submits" if batch else "HTTP submits"
-    print(f"  round {rnd}: serve + {how}, {args.workers} workers        {dt:7.2f} s", flush=True)
+    out["pool serve"].append(dt)
+    print(f"  round {rnd}: serve + HTTP submits, {args.workers} workers        {dt:7.2f} s", flush=True)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -278,7 +267,6 @@ def main():
     ap.add_argument("--n-pool", type=int, default=10000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", choices=["local", "pool"], help="one half only")
-    ap.add_argument("--batch", action="store_true", help="also serve + the batch endpoint")
     ap.add_argument("--no-rerun", action="store_true", help="skip the after-rm -rf column")
     ap.add_argument("--keep", action="store_true", help="keep the working directories")
     ap.add_argument("--celery-venv",
@@ -287,7 +275,7 @@ def main():
     args.dir = os.path.abspath(args.dir)
     os.makedirs(args.dir, exist_ok=True)
     out = {k: [] for k in ["local fresh", "local after rm -rf", "xargs -P2", "parallel -j2",
-                           "pool run", "pool serve", "pool serve batch", "celery"]}
+                           "pool run", "pool serve", "celery"]}
     print(f"user-path bench: {args.rounds} rounds, local N={args.n_local}, pool N={args.n_pool}, "
           f"{args.workers} workers; load {os.getloadavg()[0]:.2f}; dir {args.dir}", flush=True)
     for rnd in range(1, args.rounds + 1):
@@ -295,9 +283,7 @@ def main():
             bench_local(args, args.bins, rnd, out)
         if args.only in (None, "pool"):
             bench_pool_run(args, args.bins, rnd, out)
-            bench_pool_serve(args, args.bins, rnd, out, batch=False)
-            if args.batch:
-                bench_pool_serve(args, args.bins, rnd, out, batch=True)
+            bench_pool_serve(args, args.bins, rnd, out)
             bench_celery(args, rnd, out)
     print(f"\nresults (load now {os.getloadavg()[0]:.2f}):")
     for k, v in out.items():
@@ -316,9 +302,6 @@ def main():
         print(f"  Celery ÷ pool run                {ratio(out['celery'], out['pool run'])}"
               "   (goal ≥ 5×: how many times faster than Celery)")
         print(f"  Celery ÷ pool serve              {ratio(out['celery'], out['pool serve'])}")
-        if out["pool serve batch"]:
-            print(f"  Celery ÷ pool serve batch        "
-                  f"{ratio(out['celery'], out['pool serve batch'])}")
 
 
 if __name__ == "__main__":
