@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use distributor_core::Secret;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -89,15 +90,16 @@ pub enum Credentials {
     None,
     /// A server token (`authorization { token: … }`).
     Token {
-        /// The token. Treat as a secret.
-        token: String,
+        /// The token: a [`Secret`] (`"…"`, `{"env": NAME}` or `{"file": PATH}`), redacted from
+        /// execution snapshots.
+        token: Secret,
     },
     /// A user name and password.
     UserPassword {
         /// The user.
         user: String,
-        /// The password. Treat as a secret.
-        password: String,
+        /// The password: a [`Secret`], redacted from execution snapshots.
+        password: Secret,
     },
     /// An nkey seed file (a file holding one `SU…` seed).
     NkeyFile {

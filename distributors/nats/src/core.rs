@@ -9,6 +9,8 @@ use async_nats::{Client, ConnectErrorKind, ConnectOptions, ServerAddr};
 use bytes::Bytes;
 use distributor_core::Outcome;
 
+use distributor_core::Secret;
+
 use crate::config::{Credentials, Layout, cancel_key, record_key};
 use crate::error::NatsError;
 use crate::wire::{ExecRecord, JobMessage, RecordState};
@@ -50,10 +52,11 @@ pub(crate) async fn connect(
     }
     opts = match credentials {
         Credentials::None => opts,
-        Credentials::Token { token } => opts.token(token.clone()),
-        Credentials::UserPassword { user, password } => {
-            opts.user_and_password(user.clone(), password.clone())
-        }
+        Credentials::Token { token } => opts.token(resolve_secret("/credentials/token", token)?),
+        Credentials::UserPassword { user, password } => opts.user_and_password(
+            user.clone(),
+            resolve_secret("/credentials/password", password)?,
+        ),
         Credentials::NkeyFile { path } => {
             let text = tokio::fs::read_to_string(path)
                 .await
@@ -397,4 +400,11 @@ pub(crate) async fn remove_job(stream: &stream::Stream, seq: u64) -> Result<(), 
             }
         }
     }
+}
+
+/// Reads a credential, naming its config field when it cannot be read.
+fn resolve_secret(field: &str, secret: &Secret) -> Result<String, NatsError> {
+    secret
+        .resolve()
+        .map_err(|e| NatsError::Config(format!("{field}: {e}")))
 }
