@@ -735,3 +735,61 @@ async fn the_openapi_document_is_served_without_a_token_and_describes_the_answer
         assert!(props.contains_key(k), "`{k}` is in the document");
     }
 }
+
+#[tokio::test]
+async fn half_sent_headers_are_cut_off_and_connections_beyond_the_limit_wait() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let registry = Registry::new().register::<FakeConfig>().unwrap();
+    let doc = json!({"distributors": {"fake": {"kind": "fake", "backend": "http-limits"}}});
+    let config = DistributorsConfig::from_value(&registry, "test", &doc).unwrap();
+    let engine = Engine::builder()
+        .registry(registry)
+        .distributors(config)
+        .store(MemoryStore::new())
+        .build()
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = orchestrator::router(engine, Security::loopback(ApiTokens::new()));
+    let limits = orchestrator::Limits {
+        header_timeout: Duration::from_millis(300),
+        max_connections: 1,
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(orchestrator::serve::serve_app(
+        listener,
+        app,
+        limits,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    // A client that never finishes its headers holds the only slot…
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        .await
+        .unwrap();
+    // …until the header timeout closes it; then the next connection is served.
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf))
+        .await
+        .expect("the half-sent request was cut off")
+        .unwrap_or(0);
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(!answer.contains("200 OK"), "{answer}");
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        reqwest::get(format!("http://{addr}/healthz")),
+    )
+    .await
+    .expect("served once the slot is free")
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("stopped within the grace")
+        .unwrap();
+}
