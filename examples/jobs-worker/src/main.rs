@@ -53,6 +53,10 @@ struct Args {
     /// How long one claim waits for work, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     claim_wait_ms: u64,
+    /// One claim and one report per job (`/v1/claim`, `/v1/jobs/{id}/complete`) instead of the
+    /// batch endpoints (used by default; a server without them is detected and gets this).
+    #[arg(long)]
+    unbatched: bool,
 }
 
 const OUTPUT_LIMIT: usize = 64 * 1024;
@@ -160,6 +164,7 @@ async fn main() {
         handle,
     )
     .capacity(args.capacity)
+    .batched(!args.unbatched)
     .claim_wait(Duration::from_millis(args.claim_wait_ms))
     .on_shutdown(match args.on_shutdown {
         OnShutdown::Finish => ShutdownPolicy::Finish,
