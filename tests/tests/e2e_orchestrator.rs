@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use orchestrator::OrchestratorConfig;
 use serde_json::{Value, json};
 
+/// The admin bearer token the test's server accepts.
+const TOKEN: &str = "e2e-admin-token-0123456789abcdef";
+
 struct Server {
     base: String,
     http: reqwest::Client,
@@ -30,14 +33,30 @@ async fn serve() -> Server {
         .engine(registry, Some(format!("http://{addr}/v1/notify")))
         .await
         .unwrap();
+    // The API needs a bearer token (issue 15); this test acts as an admin client.
+    let security = orchestrator::Security::loopback(orchestrator::ApiTokens::new().with(
+        "e2e",
+        TOKEN,
+        [orchestrator::Scope::Admin],
+    ));
     tokio::spawn(orchestrator::serve(
         listener,
         engine,
+        security,
+        orchestrator::Limits::default(),
         std::future::pending(),
     ));
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {TOKEN}").parse().unwrap(),
+    );
     Server {
         base: format!("http://{addr}"),
-        http: reqwest::Client::new(),
+        http: reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .unwrap(),
         _dir: dir,
     }
 }
@@ -137,8 +156,11 @@ async fn notify_rejects_forged_tokens_and_changes_nothing() {
         }
         let push = json!({"message": {"data": "", "attributes": attributes, "messageId": "m"},
                           "subscription": "s"});
+        // A Pub/Sub push that can never succeed is acknowledged (200, `accepted: false`) so that
+        // Pub/Sub stops redelivering it; the refusal is in the body.
         let (st, v) = s.post("/v1/notify", &push).await;
-        assert_eq!(st, want, "{v}");
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["accepted"], false, "{v}");
         assert!(
             v["error"]["message"]
                 .as_str()
@@ -147,8 +169,9 @@ async fn notify_rejects_forged_tokens_and_changes_nothing() {
         );
         let plain = json!({"execution_id": id, "data": finished, "sequence": 99,
                            "attributes": auth.map(|t| json!({"auth_token": t})).unwrap_or(json!({}))});
-        let (st, _) = s.post("/v1/notify", &plain).await;
-        assert_eq!(st, want);
+        // A plain push is answered with the refusal's own status.
+        let (st, v) = s.post("/v1/notify", &plain).await;
+        assert_eq!(st, want, "{v}");
     }
     assert_eq!(
         s.get(&format!("/v1/executions/{id}")).await["state"],
