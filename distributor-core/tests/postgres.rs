@@ -11,8 +11,13 @@ use std::time::Duration;
 use distributor_core::store::suite::{run_all, sample_record};
 use distributor_core::store::{PostgresOptions, PostgresStore, Routed, Store, Write};
 use distributor_core::testing::postgres::{TestDatabase, unreachable};
-use distributor_core::{Error, ExecutionId, State};
+use distributor_core::testing::{FakeBackend, FakeConfig};
+use distributor_core::{
+    DistributorsConfig, Engine, Error, ExecutionId, Notification, Outcome, Registry, Settings,
+    State, Status, Task,
+};
 use libtest_mimic::{Arguments, Failed, Trial};
+use serde_json::json;
 
 type Case = fn(String) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
@@ -33,6 +38,10 @@ fn main() -> ExitCode {
         case!(store_suite),
         case!(fenced_after_takeover),
         case!(inbox_round_trip),
+        case!(work_submitted_anywhere_finishes_once),
+        case!(killed_instance_is_taken_over),
+        case!(notify_and_cancel_reach_the_owner),
+        case!(graceful_shutdown_hands_shards_over),
     ];
     let trials = cases
         .into_iter()
@@ -247,5 +256,276 @@ async fn inbox_round_trip(url: String) -> Result<(), String> {
     if !sa.inbox(&sa.held()).await.map_err(e)?.is_empty() {
         return Err("acked row still queued".into());
     }
+    Ok(())
+}
+
+// ----- several engine instances on one database ------------------------------------------
+
+fn registry() -> Registry {
+    Registry::new().register::<FakeConfig>().expect("registry")
+}
+
+fn fast_settings() -> Settings {
+    Settings {
+        poll_interval: Duration::from_millis(50),
+        hedge_poll_interval: Duration::from_millis(200),
+        cancel_poll_interval: Duration::from_millis(20),
+        backoff_base: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(100),
+        ..Settings::default()
+    }
+}
+
+/// An engine instance on the database at `url`, with the fake backend `backend` (shared by
+/// every instance in the process, as a real backend is shared by every orchestrator replica).
+async fn instance(
+    url: &str,
+    name: &str,
+    backend: &str,
+    ttl_ms: u64,
+) -> Result<(Engine, PostgresStore), String> {
+    let store = PostgresStore::connect_with(url, opts(name, ttl_ms))
+        .await
+        .map_err(|e| e.to_string())?;
+    let doc = json!({"distributors": {"fake": {"kind": "fake", "backend": backend}}});
+    let config =
+        DistributorsConfig::from_value(&registry(), "test", &doc).map_err(|e| e.to_string())?;
+    let engine = Engine::builder()
+        .registry(registry())
+        .distributors(config)
+        .settings(fast_settings())
+        .store(store.clone())
+        .build()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((engine, store))
+}
+
+fn held(s: &PostgresStore) -> Vec<u32> {
+    s.shared().map(|h| h.held()).unwrap_or_default()
+}
+
+/// Waits until the instances hold every shard between them, each at least one, none twice.
+async fn balanced(stores: &[&PostgresStore]) -> Result<(), String> {
+    until(20, "the shards to be shared out", || async {
+        let all: Vec<Vec<u32>> = stores.iter().map(|s| held(s)).collect();
+        let mut flat: Vec<u32> = all.iter().flatten().copied().collect();
+        flat.sort_unstable();
+        flat.dedup();
+        all.iter().all(|h| !h.is_empty())
+            && flat.len() == 8
+            && all.iter().map(Vec::len).sum::<usize>() == 8
+    })
+    .await
+}
+
+/// Every execution of the database: one per task, and each started once at the backend.
+async fn each_ran_once(
+    store: &PostgresStore,
+    fake: &FakeBackend,
+    tasks: usize,
+) -> Result<(), String> {
+    let all = store
+        .list(&distributor_core::store::ListFilter::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    if all.len() != tasks {
+        return Err(format!("{} executions for {tasks} tasks", all.len()));
+    }
+    for r in &all {
+        if r.state != State::Succeeded {
+            return Err(format!("execution {} ended {:?}", r.id, r.state));
+        }
+        let n = fake.starts(&r.request_id);
+        if n != 1 {
+            return Err(format!("execution {} was started {n} times", r.id));
+        }
+    }
+    Ok(())
+}
+
+/// Three instances: tasks submitted to any of them finish, exactly once each, and each
+/// instance can wait for work another instance owns.
+async fn work_submitted_anywhere_finishes_once(url: String) -> Result<(), String> {
+    let backend = format!("pg-anywhere-{}", uuid::Uuid::new_v4());
+    let (a, sa) = instance(&url, "a", &backend, 1000).await?;
+    let (b, sb) = instance(&url, "b", &backend, 1000).await?;
+    let (c, sc) = instance(&url, "c", &backend, 1000).await?;
+    balanced(&[&sa, &sb, &sc]).await?;
+    let engines = [&a, &b, &c];
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let e = engines[i % 3];
+        let id = e
+            .submit(Task::new("fake", json!({"run_for_ms": 20})))
+            .await
+            .map_err(|e| e.to_string())?;
+        ids.push(id);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        // Waited for on another instance than the one that took it.
+        let rec = engines[(i + 1) % 3]
+            .wait_task(*id)
+            .await
+            .map_err(|e| e.to_string())?;
+        if rec.state != State::Succeeded {
+            return Err(format!("{id} ended {:?}", rec.state));
+        }
+    }
+    each_ran_once(&sa, &FakeBackend::named(&backend), 30).await?;
+    for e in engines {
+        e.shutdown().await;
+    }
+    Ok(())
+}
+
+/// An instance dropped without shutdown (a crash) mid-flight: once its leases expire the other
+/// takes its executions over, as a restart would, and each finishes; none is started twice.
+async fn killed_instance_is_taken_over(url: String) -> Result<(), String> {
+    let backend = format!("pg-kill-{}", uuid::Uuid::new_v4());
+    let fake = FakeBackend::named(&backend);
+    let (a, sa) = instance(&url, "a", &backend, 1000).await?;
+    let (b, sb) = instance(&url, "b", &backend, 1000).await?;
+    balanced(&[&sa, &sb]).await?;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(
+            a.submit(Task::new(
+                "fake",
+                json!({"pending_for_ms": 200, "run_for_ms": 1500}),
+            ))
+            .await
+            .map_err(|e| e.to_string())?,
+        );
+    }
+    // All launched at the backend, none finished: then `a` dies.
+    until(10, "every task launched", || async {
+        let mut n = 0;
+        for id in &ids {
+            if let Ok(r) = b.get(*id).await
+                && matches!(r.state, State::Pending | State::Running)
+            {
+                n += 1;
+            }
+        }
+        n == ids.len()
+    })
+    .await?;
+    let a_shards = held(&sa);
+    drop(a);
+    drop(sa);
+    for id in &ids {
+        let rec = b.wait_task(*id).await.map_err(|e| e.to_string())?;
+        if rec.state != State::Succeeded {
+            return Err(format!("{id} ended {:?}", rec.state));
+        }
+    }
+    let now_b = held(&sb);
+    if !a_shards.iter().all(|s| now_b.contains(s)) {
+        return Err(format!("b holds {now_b:?}, not all of a's {a_shards:?}"));
+    }
+    each_ran_once(&sb, &fake, 20).await?;
+    b.shutdown().await;
+    Ok(())
+}
+
+fn push(token: &str, status: Status, seq: u64) -> Notification {
+    let mut n = Notification::json(&serde_json::to_value(status).unwrap_or_default());
+    n.attributes.insert("auth_token".into(), token.into());
+    n.sequence = Some(seq);
+    n
+}
+
+/// A push and a cancellation sent to an instance that does not own the execution reach the
+/// owner (through the database) and are applied there.
+async fn notify_and_cancel_reach_the_owner(url: String) -> Result<(), String> {
+    let backend = format!("pg-notify-{}", uuid::Uuid::new_v4());
+    let fake = FakeBackend::named(&backend);
+    let (a, sa) = instance(&url, "a", &backend, 5000).await?;
+    let (b, sb) = instance(&url, "b", &backend, 5000).await?;
+    balanced(&[&sa, &sb]).await?;
+    let x = a
+        .submit(Task::new("fake", json!({"hang": true})))
+        .await
+        .map_err(|e| e.to_string())?;
+    let y = a
+        .submit(Task::new("fake", json!({"hang": true})))
+        .await
+        .map_err(|e| e.to_string())?;
+    until(10, "both hanging tasks to push", || async {
+        let p = fake.pushes();
+        p.iter().any(|(i, _)| *i == x) && p.iter().any(|(i, _)| *i == y)
+    })
+    .await?;
+    let token = fake
+        .pushes()
+        .into_iter()
+        .find(|(i, _)| *i == x)
+        .and_then(|(_, n)| n.attributes.get("auth_token").cloned())
+        .ok_or("no token")?;
+    let finished = Status::Finished(Outcome::Succeeded {
+        data: json!("pushed to b"),
+    });
+    b.notify(x, push(&token, finished, 1_000_000))
+        .await
+        .map_err(|e| e.to_string())?;
+    let rec = a.wait(x).await.map_err(|e| e.to_string())?;
+    if rec.state != State::Succeeded {
+        return Err(format!("pushed through b, {x} ended {:?}", rec.state));
+    }
+    b.cancel(y, "through b").await.map_err(|e| e.to_string())?;
+    let rec = b.wait(y).await.map_err(|e| e.to_string())?;
+    if rec.state != State::Abnormal(distributor_core::AbnormalKind::Cancelled) {
+        return Err(format!("cancelled through b, {y} ended {:?}", rec.state));
+    }
+    // A forged push through the non-owner is refused there, before reaching the database.
+    match b
+        .notify(x, push("forged", Status::Running, 2_000_000))
+        .await
+    {
+        Err(Error::NotificationRejected(_)) => {}
+        other => return Err(format!("forged push: {other:?}")),
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    Ok(())
+}
+
+/// A graceful shutdown gives the shards up at once: the other instance takes them (and their
+/// executions) over long before the leases would have expired.
+async fn graceful_shutdown_hands_shards_over(url: String) -> Result<(), String> {
+    let backend = format!("pg-handover-{}", uuid::Uuid::new_v4());
+    let fake = FakeBackend::named(&backend);
+    // Leases of 30 s: waiting for an expiry would time the test out.
+    let (a, sa) = instance(&url, "a", &backend, 30_000).await?;
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(
+            a.submit(Task::new("fake", json!({"run_for_ms": 800})))
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let (b, sb) = instance(&url, "b", &backend, 30_000).await?;
+    a.shutdown().await;
+    drop(a);
+    if !held(&sa).is_empty() {
+        return Err(format!("a still holds {:?} after shutdown", held(&sa)));
+    }
+    let t0 = tokio::time::Instant::now();
+    for id in &ids {
+        let rec = b.wait_task(*id).await.map_err(|e| e.to_string())?;
+        if rec.state != State::Succeeded {
+            return Err(format!("{id} ended {:?}", rec.state));
+        }
+    }
+    if t0.elapsed() > Duration::from_secs(20) {
+        return Err("the hand-over waited for the leases to expire".into());
+    }
+    if held(&sb).len() != 8 {
+        return Err(format!("b holds {:?}", held(&sb)));
+    }
+    each_ran_once(&sb, &fake, 10).await?;
+    b.shutdown().await;
     Ok(())
 }

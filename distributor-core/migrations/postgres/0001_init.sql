@@ -21,8 +21,9 @@ CREATE TABLE IF NOT EXISTS history (
     entry        JSONB  NOT NULL,
     PRIMARY KEY (execution_id, version)
 );
+-- Byte-wise key order (prefix listing), whatever the database's collation.
 CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
+    key   TEXT COLLATE "C" PRIMARY KEY,
     value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS deferred (

@@ -689,6 +689,26 @@ impl Store for PostgresStore {
             .map_err(store_err("meta"))
     }
 
+    async fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        // A range on the primary key (byte-wise, `COLLATE "C"`) rather than LIKE, which would
+        // treat `%` and `_` in the prefix as wildcards.
+        let rows = sqlx::query(
+            "SELECT key, value FROM meta WHERE key >= $1 AND left(key, length($1)) = $1 ORDER BY key",
+        )
+        .bind(prefix)
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(store_err("meta_prefix"))?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("key").map_err(store_err("meta_prefix"))?,
+                    r.try_get("value").map_err(store_err("meta_prefix"))?,
+                ))
+            })
+            .collect()
+    }
+
     async fn deferred(&self) -> Result<Vec<(u64, DistributorName, DeferredWork)>> {
         let rows =
             sqlx::query("SELECT id, distributor, work::text AS work FROM deferred ORDER BY id")
