@@ -72,12 +72,12 @@ pub(crate) async fn run(shared: std::sync::Arc<dyn SharedStore>, cmd: mpsc::Unbo
         let wait = next_round
             .saturating_duration_since(tokio::time::Instant::now())
             .min(INBOX_POLL);
-        tokio::select! {
+        let membership_changed = tokio::select! {
             _ = cmd.closed() => return,
-            _ = shared.wakeup(wait) => {}
-        }
+            m = shared.wakeup(wait) => m,
+        };
         let now = tokio::time::Instant::now();
-        if now >= next_round {
+        if now >= next_round || membership_changed {
             next_round = now + interval;
             match shared.round().await {
                 Ok(round) => {

@@ -263,8 +263,10 @@ pub trait SharedStore: Send + Sync + Debug + 'static {
     async fn inbox(&self, shards: &[ShardId]) -> Result<Vec<(i64, ExecutionId, Routed)>>;
     /// Removes applied commands from the queue.
     async fn ack(&self, ids: &[i64]) -> Result<()>;
-    /// Waits until a command may have been queued for this instance, or `timeout`. A wake-up
-    /// MAY be missed (the connection that receives them was lost): callers MUST also look at
-    /// the [`inbox`](Self::inbox) every so often.
-    async fn wakeup(&self, timeout: std::time::Duration);
+    /// Waits until a command may have been queued for this instance, or the membership
+    /// changed (an instance joined or left), or `timeout`. Returns true for a membership change:
+    /// the caller SHOULD run a [`round`](Self::round) now rather than at its next interval. A
+    /// wake-up MAY be missed (the connection that receives them was lost): callers MUST also
+    /// look at the [`inbox`](Self::inbox) every so often, and rounds still run on their interval.
+    async fn wakeup(&self, timeout: std::time::Duration) -> bool;
 }

@@ -34,8 +34,10 @@ use crate::types::{DeferredWork, DistributorName, ExecutionId};
 const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_init.sql")];
 /// Key of the advisory lock held while migrating.
 const MIGRATION_LOCK: i64 = 0x0064_6973_7472_6962; // "distrib"
-/// The NOTIFY channel of the inbox; the payload is the shard number.
+/// The NOTIFY channel of the inbox; the payload is the shard number, or [`MEMBERSHIP`].
 const INBOX_CHANNEL: &str = "distributor_inbox";
+/// Payload on [`INBOX_CHANNEL`] when an instance joins or leaves.
+const MEMBERSHIP: &str = "membership";
 
 /// How to connect.
 #[derive(Debug, Clone, PartialEq)]
@@ -760,15 +762,25 @@ impl SharedStore for Inner {
     async fn round(&self) -> Result<LeaseRound> {
         let ttl = secs(self.ttl);
         let mut tx = self.pool.begin().await.map_err(store_err("lease round"))?;
-        sqlx::query(
+        // `xmax = 0`: the row was inserted, not updated (this instance joins).
+        let joined: bool = sqlx::query_scalar(
             "INSERT INTO instances (id, expires_at) VALUES ($1, now() + make_interval(secs => $2)) \
-             ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at",
+             ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at RETURNING (xmax = 0)",
         )
         .bind(&self.instance)
         .bind(ttl)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
         .map_err(store_err("lease round"))?;
+        if joined {
+            // The others hand shards over at once instead of at their next round.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(INBOX_CHANNEL)
+                .bind(MEMBERSHIP)
+                .execute(&mut *tx)
+                .await
+                .map_err(store_err("lease round"))?;
+        }
         let members: i64 =
             sqlx::query_scalar("SELECT count(*) FROM instances WHERE expires_at > now()")
                 .fetch_one(&mut *tx)
@@ -880,11 +892,16 @@ impl SharedStore for Inner {
     async fn leave(&self) -> Result<()> {
         let all = self.held();
         self.release(&all).await?;
-        sqlx::query("DELETE FROM instances WHERE id = $1")
-            .bind(&self.instance)
-            .execute(&self.pool)
-            .await
-            .map_err(store_err("leave"))?;
+        sqlx::query(
+            "WITH d AS (DELETE FROM instances WHERE id = $1 RETURNING id) \
+             SELECT pg_notify($2, $3) FROM d",
+        )
+        .bind(&self.instance)
+        .bind(INBOX_CHANNEL)
+        .bind(MEMBERSHIP)
+        .execute(&self.pool)
+        .await
+        .map_err(store_err("leave"))?;
         Ok(())
     }
 
@@ -988,7 +1005,7 @@ impl SharedStore for Inner {
         Ok(())
     }
 
-    async fn wakeup(&self, timeout: Duration) {
+    async fn wakeup(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut guard = self.listener.lock().await;
         if guard.is_none() {
@@ -1003,26 +1020,27 @@ impl SharedStore for Inner {
         let Some(l) = guard.as_mut() else {
             drop(guard);
             tokio::time::sleep_until(deadline).await;
-            return;
+            return false;
         };
         loop {
             match tokio::time::timeout_at(deadline, l.try_recv()).await {
-                Err(_) => return,
+                Err(_) => return false,
                 // Connection lost (and re-established): notifications may have been missed.
-                Ok(Ok(None)) => return,
+                Ok(Ok(None)) => return false,
+                Ok(Ok(Some(n))) if n.payload() == MEMBERSHIP => return true,
                 Ok(Ok(Some(n))) => {
                     let mine = n
                         .payload()
                         .parse::<u32>()
                         .is_ok_and(|s| self.held_map().contains_key(&s));
                     if mine {
-                        return;
+                        return false;
                     }
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "LISTEN connection failed; reconnecting later");
                     *guard = None;
-                    return;
+                    return false;
                 }
             }
         }
