@@ -1,5 +1,6 @@
--- Executions, split into shards (id modulo the shard count). Hot rows are updated in place
--- several times each: leave room on the page for HOT updates.
+-- Executions, split into shards (id modulo the shard count). A row is updated in place four
+-- times or more in its life: only columns that never change are indexed, so that every update
+-- is a heap-only (HOT) update that touches no index, and pages keep room for them.
 CREATE TABLE IF NOT EXISTS executions (
     id          BIGINT  PRIMARY KEY,
     shard       INTEGER NOT NULL,
@@ -9,12 +10,17 @@ CREATE TABLE IF NOT EXISTS executions (
     distributor TEXT    NOT NULL,
     version     BIGINT  NOT NULL,
     record      JSONB   NOT NULL
-) WITH (fillfactor = 70);
-CREATE INDEX IF NOT EXISTS executions_live ON executions (shard, id) WHERE live;
+) WITH (fillfactor = 50);
 CREATE INDEX IF NOT EXISTS executions_shard ON executions (shard, id);
-CREATE INDEX IF NOT EXISTS executions_state ON executions (state, id);
 CREATE INDEX IF NOT EXISTS executions_task ON executions (task_id, id);
 CREATE INDEX IF NOT EXISTS executions_distributor ON executions (distributor, id);
+-- The non-terminal executions (a row from insert until the terminal state), for recovery and
+-- takeover without scanning every execution ever stored.
+CREATE TABLE IF NOT EXISTS live_executions (
+    shard INTEGER NOT NULL,
+    id    BIGINT  NOT NULL,
+    PRIMARY KEY (shard, id)
+);
 CREATE TABLE IF NOT EXISTS history (
     execution_id BIGINT NOT NULL,
     version      BIGINT NOT NULL,

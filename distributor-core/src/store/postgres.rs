@@ -340,6 +340,22 @@ impl Inner {
                 let first = ids.iter().find(|i| !done.contains(i)).copied().unwrap_or(0);
                 return Err(Error::Conflict(ExecutionId(first as u64)));
             }
+            let (ls, li): (Vec<i32>, Vec<i64>) = seg
+                .inserts
+                .iter()
+                .filter(|r| r.live)
+                .map(|r| (r.shard, r.id))
+                .unzip();
+            if !li.is_empty() {
+                sqlx::query(
+                    "INSERT INTO live_executions (shard, id) SELECT * FROM UNNEST($1::int4[], $2::int8[])",
+                )
+                .bind(&ls)
+                .bind(&li)
+                .execute(&mut **tx)
+                .await
+                .map_err(store_err("insert"))?;
+            }
         }
         if !seg.updates.is_empty() {
             let cols = Columns::of(&seg.updates);
@@ -380,6 +396,24 @@ impl Inner {
                     .find(|(id, v)| now.get(*id) != Some(*v))
                     .map_or(cols.id[0], |(id, _)| *id);
                 return Err(Error::Conflict(ExecutionId(first as u64)));
+            }
+            // Terminal states never change back: leaving the live set is a delete.
+            let (ds, di): (Vec<i32>, Vec<i64>) = seg
+                .updates
+                .iter()
+                .filter(|r| !r.live)
+                .map(|r| (r.shard, r.id))
+                .unzip();
+            if !di.is_empty() {
+                sqlx::query(
+                    "DELETE FROM live_executions l USING UNNEST($1::int4[], $2::int8[]) AS d(shard, id) \
+                     WHERE l.shard = d.shard AND l.id = d.id",
+                )
+                .bind(&ds)
+                .bind(&di)
+                .execute(&mut **tx)
+                .await
+                .map_err(store_err("update"))?;
             }
         }
         if !seg.history.is_empty() {
@@ -652,7 +686,7 @@ impl Store for PostgresStore {
 
     async fn live(&self) -> Result<Vec<ExecutionRecord>> {
         let rows =
-            sqlx::query("SELECT record::text AS record FROM executions WHERE live ORDER BY id")
+            sqlx::query("SELECT e.record::text AS record FROM live_executions l JOIN executions e ON e.id = l.id ORDER BY l.id")
                 .fetch_all(&self.inner.pool)
                 .await
                 .map_err(store_err("live"))?;
@@ -908,7 +942,8 @@ impl SharedStore for Inner {
     async fn load(&self, shards: &[ShardId]) -> Result<ShardLoad> {
         let ss: Vec<i32> = shards.iter().map(|s| *s as i32).collect();
         let rows = sqlx::query(
-            "SELECT record::text AS record FROM executions WHERE live AND shard = ANY($1) ORDER BY id",
+            "SELECT e.record::text AS record FROM live_executions l JOIN executions e ON e.id = l.id \
+             WHERE l.shard = ANY($1) ORDER BY l.id",
         )
         .bind(&ss)
         .fetch_all(&self.pool)
