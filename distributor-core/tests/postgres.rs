@@ -424,7 +424,19 @@ async fn killed_instance_is_taken_over(url: String) -> Result<(), String> {
     if !a_shards.iter().all(|s| now_b.contains(s)) {
         return Err(format!("b holds {now_b:?}, not all of a's {a_shards:?}"));
     }
-    each_ran_once(&sb, &fake, 20).await?;
+    // New work on the survivor lands in every shard, those taken over included, without
+    // colliding with the ids the dead instance used there.
+    for _ in 0..16 {
+        let id = b
+            .submit(Task::new("fake", json!({"run_for_ms": 10})))
+            .await
+            .map_err(|e| e.to_string())?;
+        let rec = b.wait_task(id).await.map_err(|e| e.to_string())?;
+        if rec.state != State::Succeeded {
+            return Err(format!("{id} ended {:?}", rec.state));
+        }
+    }
+    each_ran_once(&sb, &fake, 36).await?;
     b.shutdown().await;
     Ok(())
 }

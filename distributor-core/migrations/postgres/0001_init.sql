@@ -11,7 +11,6 @@ CREATE TABLE IF NOT EXISTS executions (
     version     BIGINT  NOT NULL,
     record      JSONB   NOT NULL
 ) WITH (fillfactor = 50);
-CREATE INDEX IF NOT EXISTS executions_shard ON executions (shard, id);
 CREATE INDEX IF NOT EXISTS executions_task ON executions (task_id, id);
 CREATE INDEX IF NOT EXISTS executions_distributor ON executions (distributor, id);
 -- The non-terminal executions (a row from insert until the terminal state), for recovery and

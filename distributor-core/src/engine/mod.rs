@@ -730,7 +730,9 @@ impl Engine {
     }
 
     /// The event stream. Events are published after they are committed; a subscriber that falls
-    /// more than [`Settings::event_capacity`] behind gets a lag error and continues.
+    /// more than [`Settings::event_capacity`] behind gets a lag error and continues. On a store
+    /// shared by several instances, each instance publishes the events of the executions it
+    /// owns (a subscriber wanting all of them subscribes to every instance).
     pub fn events(&self) -> BroadcastStream<Event> {
         BroadcastStream::new(self.shared.events.subscribe())
     }

@@ -200,8 +200,8 @@ pub struct ShardLoad {
     pub live: Vec<ExecutionRecord>,
     /// Their pending deferred work: (id, instance, work).
     pub deferred: Vec<(u64, DistributorName, DeferredWork)>,
-    /// Per shard, the highest execution id and the highest deferred-work id stored in it (0 if
-    /// none), so that the new owner allocates ids after them.
+    /// Per shard, an execution id and a deferred-work id at least as high as any stored in it
+    /// (0 if none), so that the new owner allocates ids after them.
     pub max_ids: Vec<(ShardId, u64, u64)>,
 }
 

@@ -961,23 +961,19 @@ impl SharedStore for Inner {
             .iter()
             .map(decode_deferred)
             .collect::<Result<Vec<_>>>()?;
-        let rows = sqlx::query(
-            "SELECT s.shard, \
-               (SELECT max(id) FROM executions e WHERE e.shard = s.shard) AS e, \
-               (SELECT max(id) FROM deferred d WHERE d.shard = s.shard) AS d \
-             FROM UNNEST($1::int4[]) AS s(shard)",
-        )
-        .bind(&ss)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(store_err("load"))?;
-        let mut max_ids = Vec::with_capacity(rows.len());
-        for r in rows {
-            let s: i32 = r.try_get("shard").map_err(store_err("load"))?;
-            let e: Option<i64> = r.try_get("e").map_err(store_err("load"))?;
-            let d: Option<i64> = r.try_get("d").map_err(store_err("load"))?;
-            max_ids.push((s as u32, e.unwrap_or(0) as u64, d.unwrap_or(0) as u64));
-        }
+        // New ids of an acquired shard continue after the highest id stored in any shard
+        // (one primary-key lookup, no index per shard): unique within the shard, since the
+        // previous owner can no longer commit there, and ids need not be dense.
+        let e: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM executions")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(store_err("load"))?;
+        let d: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM deferred")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(store_err("load"))?;
+        let (e, d) = (e.unwrap_or(0) as u64, d.unwrap_or(0) as u64);
+        let max_ids = shards.iter().map(|s| (*s, e, d)).collect();
         Ok(ShardLoad {
             live,
             deferred,
