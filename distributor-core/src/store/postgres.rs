@@ -908,14 +908,18 @@ impl SharedStore for Inner {
             return Ok(());
         }
         let (ss, es): (Vec<i32>, Vec<i64>) = pairs.into_iter().unzip();
+        // The NOTIFY has the instances short of their share take the shards at once.
         sqlx::query(
-            "UPDATE shard_lease l SET owner = NULL, expires_at = now() \
-             FROM UNNEST($1::int4[], $2::int8[]) AS h(shard, epoch) \
-             WHERE l.shard = h.shard AND l.epoch = h.epoch AND l.owner = $3",
+            "WITH r AS (UPDATE shard_lease l SET owner = NULL, expires_at = now() \
+               FROM UNNEST($1::int4[], $2::int8[]) AS h(shard, epoch) \
+               WHERE l.shard = h.shard AND l.epoch = h.epoch AND l.owner = $3 RETURNING l.shard) \
+             SELECT pg_notify($4, $5) WHERE EXISTS (SELECT 1 FROM r)",
         )
         .bind(&ss)
         .bind(&es)
         .bind(&self.instance)
+        .bind(INBOX_CHANNEL)
+        .bind(MEMBERSHIP)
         .execute(&self.pool)
         .await
         .map_err(store_err("release"))?;
