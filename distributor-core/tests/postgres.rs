@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         case!(store_suite),
         case!(fenced_after_takeover),
         case!(inbox_round_trip),
+        case!(one_statement_commits_or_nothing),
         case!(work_submitted_anywhere_finishes_once),
         case!(killed_instance_is_taken_over),
         case!(notify_and_cancel_reach_the_owner),
@@ -211,6 +212,93 @@ async fn fenced_after_takeover(url: String) -> Result<(), String> {
             sa.held(),
             sb.held()
         ));
+    }
+    Ok(())
+}
+
+/// The engine's usual batch (every record once) commits as one statement, for real; a stale
+/// row or a lost shard in it writes nothing, and the error names the record or the shard.
+async fn one_statement_commits_or_nothing(url: String) -> Result<(), String> {
+    let e = |e: Error| e.to_string();
+    let a = PostgresStore::connect_with(&url, opts("a", 300))
+        .await
+        .map_err(e)?;
+    let sa = a.shared().ok_or("shared")?;
+    sa.round().await.map_err(e)?;
+    let mut r1 = sample_record(1, State::Queued);
+    let mut r2 = sample_record(2, State::Queued);
+    let ins = |r: &distributor_core::ExecutionRecord| Write::Insert {
+        record: std::sync::Arc::new(r.clone()),
+        history: vec![],
+    };
+    a.apply(&[ins(&r1), ins(&r2)]).await.map_err(e)?;
+    a.apply(&[
+        update(&mut r1, State::Dispatching),
+        update(&mut r2, State::Dispatching),
+    ])
+    .await
+    .map_err(e)?;
+    if a.commit_counts() != (2, 0) {
+        return Err(format!(
+            "commits {:?}, expected 2 in one statement",
+            a.commit_counts()
+        ));
+    }
+    // A stale update after a good one: nothing applied, the stale record named.
+    let mut stale = r2.clone();
+    stale.version = 7;
+    let good = update(&mut r1, State::Pending);
+    match a.apply(&[good, update(&mut stale, State::Pending)]).await {
+        Err(Error::Conflict(ExecutionId(2))) => {}
+        other => return Err(format!("stale batch: {other:?}")),
+    }
+    let v1 = a
+        .get(ExecutionId(1))
+        .await
+        .map_err(e)?
+        .ok_or("gone")?
+        .version;
+    if v1 != 2 {
+        return Err(format!("partial batch applied: version {v1}"));
+    }
+    // A duplicate insert next to a new one: nothing applied.
+    let r3 = sample_record(3, State::Queued);
+    match a.apply(&[ins(&r3), ins(&r2)]).await {
+        Err(Error::Conflict(ExecutionId(2))) => {}
+        other => return Err(format!("duplicate insert: {other:?}")),
+    }
+    if a.get(ExecutionId(3)).await.map_err(e)?.is_some() {
+        return Err("insert of a refused batch applied".into());
+    }
+    // The same record twice in a batch takes the transaction path.
+    let mut r4 = sample_record(4, State::Queued);
+    let w = ins(&r4);
+    a.apply(&[w, update(&mut r4, State::Dispatching)])
+        .await
+        .map_err(e)?;
+    if a.commit_counts() != (2, 1) {
+        return Err(format!("commits {:?}, expected (2, 1)", a.commit_counts()));
+    }
+    // A lost shard: the one-statement write is fenced off like the transaction.
+    let b = PostgresStore::connect_with(&url, opts("b", 300))
+        .await
+        .map_err(e)?;
+    let sb = b.shared().ok_or("shared")?;
+    until(10, "b to take shard 1 over", || {
+        let sb = sb.clone();
+        async move {
+            let _ = sb.round().await;
+            sb.held().contains(&1)
+        }
+    })
+    .await?;
+    r1.version = 2;
+    match a.apply(&[update(&mut r1, State::Pending)]).await {
+        Err(Error::Fenced { shard: 1 }) => {}
+        other => return Err(format!("stale owner's one-statement write: {other:?}")),
+    }
+    if a.commit_counts() != (2, 1) {
+        return Err(format!("commits {:?} after refusals", a.commit_counts()));
     }
     Ok(())
 }
