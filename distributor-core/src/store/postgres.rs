@@ -13,6 +13,12 @@
 //! makes every later one fail: an instance that lost its lease (paused, partitioned, stalled)
 //! can never commit a stale transition, whatever its clock says.
 //!
+//! **One round trip per batch.** The engine's usual batch (every record once, nothing else) is
+//! one statement: the fence, inserts, compare-and-set updates, the live set and history as
+//! data-modifying CTEs, ending in a division by zero unless every shard was at its epoch and
+//! every row written, which aborts all of it. On any failure the batch is retried as a
+//! transaction of several statements, which names the stale record or the lost shard.
+//!
 //! **Commands for other instances** (pushes, cancels, pokes for an execution this instance does
 //! not own) go through the `inbox` table; `NOTIFY distributor_inbox` only wakes the owner,
 //! which also looks at the table every second, so a lost notification only delays.
