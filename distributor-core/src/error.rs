@@ -98,6 +98,14 @@ pub enum Error {
     /// The engine is shutting down.
     #[error("the engine is shut down")]
     Shutdown,
+    /// This engine instance does not own the shard an execution belongs to (any more): another
+    /// instance sharing the store took it over, or it was handed over in a rebalance. Nothing
+    /// was written. Not transient for this instance; the shard's owner carries on.
+    #[error("this engine instance does not own shard {shard} (any more)")]
+    Fenced {
+        /// The shard.
+        shard: u32,
+    },
 }
 
 impl Error {

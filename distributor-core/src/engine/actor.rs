@@ -13,7 +13,7 @@ use super::{Catalog, Clock, Cmd, Event, Settings};
 use crate::config::ConfigHash;
 use crate::error::{Error, NotificationRejection, Result};
 use crate::registry::{BuildContext, DeferredQueue, Instance, Notifier, Registry};
-use crate::store::{Store, Write};
+use crate::store::{Routed, ShardId, SharedStore, Store, Write};
 use crate::types::*;
 
 /// The actor's maps are keyed by ids the engine assigned and by configured names, not by
@@ -42,6 +42,74 @@ pub(crate) struct Init {
     pub deferred: mpsc::UnboundedSender<(DistributorName, DeferredWork)>,
     pub notify_target: Option<String>,
     pub cmd_tx: mpsc::UnboundedSender<Cmd>,
+}
+
+/// The shards this instance owns, when the store is shared by several engine instances
+/// ([`Store::shared`]). Execution ids are `seq * count + shard`: an instance allocates ids in
+/// the shards it owns, from the highest id stored in each when it acquired it (only the owner
+/// writes a shard, and the store fences every write, so ids never collide).
+pub(crate) struct Sharding {
+    shared: Arc<dyn SharedStore>,
+    count: u64,
+    owned: BTreeSet<ShardId>,
+    /// Next sequence number of execution ids, per owned shard.
+    next_seq: HashMap<ShardId, u64>,
+    /// Next sequence number of deferred-work ids, per owned shard.
+    next_dseq: HashMap<ShardId, u64>,
+    /// Round-robin cursor over the owned shards for new tasks.
+    cursor: usize,
+    /// Submits that came while this instance owned no shard.
+    parked: Vec<Cmd>,
+}
+
+impl Sharding {
+    fn shard_of(&self, id: u64) -> ShardId {
+        (id % self.count) as ShardId
+    }
+
+    fn seq_after(&self, max_id: u64) -> u64 {
+        if max_id == 0 {
+            1
+        } else {
+            max_id / self.count + 1
+        }
+    }
+
+    fn take(next: &mut HashMap<ShardId, u64>, count: u64, shard: ShardId) -> Option<u64> {
+        let seq = next.get_mut(&shard)?;
+        let id = *seq * count + u64::from(shard);
+        *seq += 1;
+        Some(id)
+    }
+
+    /// A new execution id: in the shard of `near` when this instance owns it (a retry stays
+    /// with its task), else in the next owned shard.
+    fn alloc(&mut self, near: Option<ExecutionId>) -> Option<u64> {
+        if let Some(n) = near {
+            let s = self.shard_of(n.0);
+            if self.owned.contains(&s) {
+                return Self::take(&mut self.next_seq, self.count, s);
+            }
+        }
+        let s = *self
+            .owned
+            .iter()
+            .nth(self.cursor % self.owned.len().max(1))?;
+        self.cursor = self.cursor.wrapping_add(1);
+        Self::take(&mut self.next_seq, self.count, s)
+    }
+}
+
+/// A change of the shards an instance owns, from its membership task.
+pub(crate) enum ShardChange {
+    /// Load and recover the executions of these newly acquired shards.
+    Gain(Vec<ShardId>),
+    /// Drop these shards' executions from memory; `graceful`: commit what is pending first
+    /// (a hand-over), else they were lost (nothing of theirs can commit any more).
+    Drop {
+        shards: Vec<ShardId>,
+        graceful: bool,
+    },
 }
 
 /// Results of adapter calls, fed back to the actor.
@@ -138,6 +206,10 @@ pub(crate) struct Actor {
     /// While set, this turn's changes are held (not yet flushed) until then, so that the next
     /// turns' changes share their transaction ([`Settings::commit_delay`]).
     hold_until: Option<tokio::time::Instant>,
+    /// Set when the store is shared by several instances.
+    sharding: Option<Sharding>,
+    /// Shard changes received this turn, handled (they need the store) before the turn ends.
+    shard_changes: Vec<(ShardChange, oneshot::Sender<()>)>,
 }
 
 /// A batch handed to the store and what waits for it.
@@ -173,6 +245,7 @@ impl Actor {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let (committed_tx, committed_rx) = mpsc::unbounded_channel();
         let _ = &init.cmd_tx;
+        let shared = init.store.shared();
         let mut a = Actor {
             store: init.store,
             registry: init.registry,
@@ -211,6 +284,16 @@ impl Actor {
             next_batch: 0,
             last_flush: None,
             hold_until: None,
+            sharding: shared.map(|shared| Sharding {
+                count: u64::from(shared.shard_count().max(1)),
+                shared,
+                owned: BTreeSet::new(),
+                next_seq: HashMap::default(),
+                next_dseq: HashMap::default(),
+                cursor: 0,
+                parked: Vec::new(),
+            }),
+            shard_changes: Vec::new(),
         };
         for inst in init.catalog.values() {
             a.snapshots.insert(
@@ -218,13 +301,53 @@ impl Actor {
                 inst.clone(),
             );
         }
-        a.next_id = a.store.max_id().await? + 1;
-        for (id, name, work) in a.store.deferred().await? {
+        let (live, deferred) = match &a.sharding {
+            Some(sh) => {
+                let held = sh.shared.held();
+                let load = sh.shared.load(&held).await?;
+                a.own(&held, &load.max_ids);
+                (load.live, load.deferred)
+            }
+            None => {
+                a.next_id = a.store.max_id().await? + 1;
+                (a.store.live().await?, a.store.deferred().await?)
+            }
+        };
+        a.adopt(live, deferred).await;
+        Ok(a)
+    }
+
+    /// Records newly owned shards and where their ids continue.
+    fn own(&mut self, shards: &[ShardId], max_ids: &[(ShardId, u64, u64)]) {
+        let Some(sh) = self.sharding.as_mut() else {
+            return;
+        };
+        for s in shards {
+            sh.owned.insert(*s);
+            sh.next_seq.insert(*s, 1);
+            sh.next_dseq.insert(*s, 1);
+        }
+        for (s, e, d) in max_ids {
+            let (e, d) = (sh.seq_after(*e), sh.seq_after(*d));
+            sh.next_seq.insert(*s, e);
+            sh.next_dseq.insert(*s, d);
+        }
+    }
+
+    /// Takes over executions read from the store, as a restart does: re-arms their timers,
+    /// re-dispatches `Dispatching` ones with the same request id, re-attaches to running work
+    /// through the adapter, resumes cancellations.
+    async fn adopt(
+        &mut self,
+        live: Vec<ExecutionRecord>,
+        deferred: Vec<(u64, DistributorName, DeferredWork)>,
+    ) {
+        let a = self;
+        for (id, name, work) in deferred {
             a.next_deferred = a.next_deferred.max(id + 1);
             a.arm(TimerKey::Deferred(id), Some(work.due));
             a.deferred.insert(id, (name, work));
         }
-        let live = a.store.live().await?;
         let recovered = live.len();
         for rec in live {
             let key = (rec.distributor.clone(), rec.config_hash.clone());
@@ -269,11 +392,188 @@ impl Actor {
         if recovered > 0 {
             tracing::info!(recovered, "engine recovered live executions");
         }
-        Ok(a)
     }
 
-    async fn build_snapshot(&self, rec: &ExecutionRecord) -> Result<Instance> {
-        let kind = self.registry.kind(rec.kind.as_str())?;
+    /// Whether this instance owns `id`'s shard (always, with a store of its own).
+    fn owns(&self, id: u64) -> bool {
+        self.sharding
+            .as_ref()
+            .is_none_or(|sh| sh.owned.contains(&sh.shard_of(id)))
+    }
+
+    /// Handles the shard changes received this turn.
+    async fn on_shard_changes(&mut self) {
+        for (change, done) in std::mem::take(&mut self.shard_changes) {
+            match change {
+                ShardChange::Gain(shards) => {
+                    // Whatever memory of them is left from an earlier ownership is stale.
+                    self.flush().await;
+                    self.settle().await;
+                    self.drop_shards(&shards);
+                    let Some(shared) = self.sharding.as_ref().map(|s| s.shared.clone()) else {
+                        continue;
+                    };
+                    match shared.load(&shards).await {
+                        Ok(load) => {
+                            self.own(&shards, &load.max_ids);
+                            tracing::info!(shards = ?shards, live = load.live.len(), "taking over shards");
+                            self.adopt(load.live, load.deferred).await;
+                            let parked = self
+                                .sharding
+                                .as_mut()
+                                .map(|s| std::mem::take(&mut s.parked))
+                                .unwrap_or_default();
+                            for cmd in parked {
+                                self.on_cmd(cmd);
+                            }
+                        }
+                        Err(e) => {
+                            // Not adopted: give them back (their lease expires or is released).
+                            tracing::error!(error = %e, shards = ?shards, "cannot load acquired shards; releasing them");
+                            let _ = shared.release(&shards).await;
+                        }
+                    }
+                }
+                ShardChange::Drop { shards, graceful } => {
+                    if graceful {
+                        self.flush().await;
+                        self.settle().await;
+                    }
+                    self.drop_shards(&shards);
+                }
+            }
+            let _ = done.send(());
+        }
+    }
+
+    /// Forgets the executions and deferred work of `shards` (no adapter call: their work goes
+    /// on, and their new owner re-attaches to it). Waiters keep waiting, on the store.
+    fn drop_shards(&mut self, shards: &[ShardId]) {
+        let Some(sh) = self.sharding.as_mut() else {
+            return;
+        };
+        let set: BTreeSet<ShardId> = shards.iter().copied().collect();
+        for s in &set {
+            sh.owned.remove(s);
+            sh.next_seq.remove(s);
+            sh.next_dseq.remove(s);
+        }
+        let count = sh.count;
+        let gone = |id: u64| set.contains(&((id % count) as ShardId));
+        let ids: Vec<ExecutionId> = self.live.keys().copied().filter(|i| gone(i.0)).collect();
+        for id in &ids {
+            if let Some(rec) = self.live.remove(id)
+                && !rec.state.is_terminal()
+            {
+                metrics::gauge!("distributor_executions", "state" => rec.state.as_str())
+                    .decrement(1.0);
+            }
+            self.dirty.remove(id);
+            self.busy.remove(id);
+            self.held.remove(id);
+            self.dispatch_started.remove(id);
+            self.arm(TimerKey::Exec(*id), None);
+            for w in self.waiters.remove(id).unwrap_or_default() {
+                self.wait_elsewhere(*id, w);
+            }
+        }
+        let dirty = &self.dirty;
+        self.dirty_order.retain(|id| dirty.contains_key(id));
+        let dids: Vec<u64> = self.deferred.keys().copied().filter(|d| gone(*d)).collect();
+        for d in dids {
+            self.deferred.remove(&d);
+            self.arm(TimerKey::Deferred(d), None);
+        }
+        self.extra_writes.retain(|w| match w {
+            Write::PutDeferred { id, .. } | Write::DeleteDeferred { id } => !gone(*id),
+            _ => true,
+        });
+        self.effects.retain(|e| match e {
+            Effect::Run(id)
+            | Effect::Poll(id, _)
+            | Effect::Recover(id)
+            | Effect::Cancel(id)
+            | Effect::Notification(id, _) => !gone(id.0),
+            _ => true,
+        });
+        self.finished.retain(|id| !gone(id.0));
+        if !ids.is_empty() {
+            tracing::info!(shards = ?shards, executions = ids.len(), "dropped shards");
+        }
+    }
+
+    /// Waits, on the store, for an execution another instance owns (or that is unknown).
+    fn wait_elsewhere(
+        &mut self,
+        id: ExecutionId,
+        mut tx: oneshot::Sender<Result<ExecutionRecord>>,
+    ) {
+        if self.sharding.is_none() {
+            return self.answer_for_unknown(id, tx, Ok);
+        }
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(10);
+            loop {
+                match store.get(id).await {
+                    Ok(Some(rec)) if rec.state.is_terminal() => {
+                        let _ = tx.send(Ok(rec));
+                        return;
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        let _ = tx.send(Err(Error::UnknownExecution(id)));
+                        return;
+                    }
+                    Err(e) if e.is_transient() => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+        });
+    }
+
+    /// Answers a command about an execution that is not live here. With a store of its own,
+    /// or for a shard this instance owns, as [`Self::answer_for_unknown`]; for another
+    /// instance's execution, the command is queued for its owner through the store
+    /// ([`SharedStore::post`]) and the answer is `Ok` once it is durably queued.
+    fn forward(
+        &mut self,
+        id: ExecutionId,
+        cmd: Routed,
+        reply: oneshot::Sender<Result<()>>,
+        ok: impl FnOnce(ExecutionRecord) -> Result<()> + Send + 'static,
+    ) {
+        let shared = match &self.sharding {
+            Some(sh) if !sh.owned.contains(&sh.shard_of(id.0)) => sh.shared.clone(),
+            _ => return self.answer_for_unknown(id, reply, ok),
+        };
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let r = match store.get(id).await {
+                Ok(Some(rec)) if rec.state.is_terminal() => ok(rec),
+                Ok(Some(_)) => shared.post(id, &cmd).await,
+                Ok(None) => Err(Error::UnknownExecution(id)),
+                Err(e) => Err(e),
+            };
+            let _ = reply.send(r);
+        });
+    }
+
+    /// Builds the distributor instance of a record's config snapshot. Not a method borrowing
+    /// the actor across the await: the actor is `Send` but not `Sync`.
+    fn build_snapshot(
+        &self,
+        rec: &ExecutionRecord,
+    ) -> impl std::future::Future<Output = Result<Instance>> + Send + 'static {
+        let kind = self.registry.kind(rec.kind.as_str()).cloned();
         let ctx = BuildContext {
             name: rec.distributor.clone(),
             deferred: DeferredQueue::new(rec.distributor.clone(), self.deferred_tx.clone()),
@@ -284,8 +584,8 @@ impl Actor {
             ),
             registry: self.registry.clone(),
         };
-        kind.build((*rec.config).clone(), ctx, rec.config_hash.clone())
-            .await
+        let (config, hash) = ((*rec.config).clone(), rec.config_hash.clone());
+        async move { kind?.build(config, ctx, hash).await }
     }
 
     pub(crate) async fn run(
@@ -369,6 +669,9 @@ impl Actor {
     /// Ends a turn. On shutdown (`stop`), commits everything, answers the shutdown and returns
     /// true: the actor stops. Otherwise flushes, or holds the changes for group commit.
     async fn end_turn(&mut self, stop: Option<oneshot::Sender<()>>) -> bool {
+        if !self.shard_changes.is_empty() {
+            self.on_shard_changes().await;
+        }
         if let Some(tx) = stop {
             self.flush().await;
             self.settle().await;
@@ -548,6 +851,15 @@ impl Actor {
 
     fn on_cmd(&mut self, cmd: Cmd) -> Option<oneshot::Sender<()>> {
         match cmd {
+            Cmd::Submit(batch, reply)
+                if self.sharding.as_ref().is_some_and(|s| s.owned.is_empty()) =>
+            {
+                // No shard to put new executions in yet (this instance just joined, or lost
+                // its shards): they wait for the next acquisition.
+                if let Some(sh) = self.sharding.as_mut() {
+                    sh.parked.push(Cmd::Submit(batch, reply));
+                }
+            }
             Cmd::Submit(batch, reply) => {
                 let ids: Vec<ExecutionId> =
                     batch.into_iter().map(|(t, i)| self.submit(t, i)).collect();
@@ -573,29 +885,29 @@ impl Actor {
                 })));
             }
             Cmd::Cancel(id, reason, reply) => self.on_cancel(id, reason, reply),
-            Cmd::Poke(id, reply) => {
-                let r = match self.live.get(&id) {
-                    Some(rec) if rec.token.is_some() && !rec.state.is_terminal() => {
-                        self.start_poll(id, Who::User);
-                        self.emit(Event::Poked { id });
-                        Ok(())
-                    }
-                    Some(_) => Ok(()),
-                    None => Err(id),
-                };
-                match r {
-                    Ok(()) => self.reply_after_commit(reply),
-                    Err(id) => self.answer_for_unknown(id, reply, |_| Ok(())),
-                }
-            }
+            Cmd::Poke(id, reply) => self.on_poke(id, reply),
             Cmd::Notify(id, n, reply) => self.on_notify(id, n, reply),
             Cmd::Wait(id, tx) => match (self.live.get(&id), self.recent.get(&id)) {
                 (Some(_), _) => self.waiters.entry(id).or_default().push(tx),
                 (None, Some(rec)) => {
                     let _ = tx.send(Ok(ExecutionRecord::clone(rec)));
                 }
-                (None, None) => self.answer_for_unknown(id, tx, Ok),
+                (None, None) => self.wait_elsewhere(id, tx),
             },
+            Cmd::Shards(change, done) => self.shard_changes.push((change, done)),
+            Cmd::Inbox(id, routed, reply) => {
+                if !self.live.contains_key(&id) && !self.owns(id.0) {
+                    // Not ours (any more): left queued for the owner.
+                    let shard = self.sharding.as_ref().map_or(0, |s| s.shard_of(id.0));
+                    let _ = reply.send(Err(Error::Fenced { shard }));
+                } else {
+                    match routed {
+                        Routed::Notify { notification } => self.on_notify(id, notification, reply),
+                        Routed::Cancel { reason } => self.on_cancel(id, reason, reply),
+                        Routed::Poke => self.on_poke(id, reply),
+                    }
+                }
+            }
             Cmd::Reload(catalog, reply) => {
                 for inst in catalog.values() {
                     self.snapshots.insert(
@@ -608,8 +920,22 @@ impl Actor {
                 self.reply_after_commit(reply);
             }
             Cmd::Defer(name, work) => {
-                let id = self.next_deferred;
-                self.next_deferred += 1;
+                let id = match self.sharding.as_mut() {
+                    None => {
+                        self.next_deferred += 1;
+                        self.next_deferred - 1
+                    }
+                    Some(sh) => {
+                        let shard = sh.shard_of(work.execution_id.0);
+                        match Sharding::take(&mut sh.next_dseq, sh.count, shard) {
+                            Some(id) => id,
+                            None => {
+                                tracing::warn!(execution = %work.execution_id, "deferred work for an execution another instance owns; dropped");
+                                return None;
+                            }
+                        }
+                    }
+                };
                 self.extra_writes.push(Write::PutDeferred {
                     id,
                     distributor: name.clone(),
@@ -657,9 +983,18 @@ impl Actor {
         }
     }
 
-    fn submit(&mut self, task: super::Task, instance: Instance) -> ExecutionId {
-        let id = ExecutionId(self.next_id);
+    /// A new execution id (see [`Sharding`]), near `near`'s shard when given.
+    fn alloc_id(&mut self, near: Option<ExecutionId>) -> ExecutionId {
+        if let Some(id) = self.sharding.as_mut().and_then(|sh| sh.alloc(near)) {
+            return ExecutionId(id);
+        }
+        // With a store of its own; callers check a shared store's instance owns a shard.
         self.next_id += 1;
+        ExecutionId(self.next_id - 1)
+    }
+
+    fn submit(&mut self, task: super::Task, instance: Instance) -> ExecutionId {
+        let id = self.alloc_id(None);
         let now = self.now();
         let name = instance.name().clone();
         let hash = instance.config_hash().clone();
@@ -735,9 +1070,21 @@ impl Actor {
         self.rearm(id);
     }
 
+    fn on_poke(&mut self, id: ExecutionId, reply: oneshot::Sender<Result<()>>) {
+        match self.live.get(&id) {
+            Some(rec) if rec.token.is_some() && !rec.state.is_terminal() => {
+                self.start_poll(id, Who::User);
+                self.emit(Event::Poked { id });
+                self.reply_after_commit(reply);
+            }
+            Some(_) => self.reply_after_commit(reply),
+            None => self.forward(id, Routed::Poke, reply, |_| Ok(())),
+        }
+    }
+
     fn on_cancel(&mut self, id: ExecutionId, reason: String, reply: oneshot::Sender<Result<()>>) {
         let Some(state) = self.live.get(&id).map(|r| r.state) else {
-            return self.answer_for_unknown(id, reply, |_| Ok(()));
+            return self.forward(id, Routed::Cancel { reason }, reply, |_| Ok(()));
         };
         if !state.is_terminal() && state != State::Cancelling {
             self.begin_cancel(id, CancelCause::Requested { reason });
@@ -747,7 +1094,7 @@ impl Actor {
 
     fn on_notify(&mut self, id: ExecutionId, n: Notification, reply: oneshot::Sender<Result<()>>) {
         let Some(rec) = self.live.get(&id) else {
-            return self.answer_for_unknown(id, reply, |_| {
+            return self.forward(id, Routed::Notify { notification: n }, reply, |_| {
                 Err(Error::NotificationRejected(NotificationRejection::Terminal))
             });
         };
@@ -1198,8 +1545,7 @@ impl Actor {
             rec.config.clone(),
             rec.config_hash.clone(),
         );
-        let next = ExecutionId(self.next_id);
-        self.next_id += 1;
+        let next = self.alloc_id(Some(id));
         let now = self.now();
         let delay = task.retry.delay;
         if let Some(rec) = self.live.get_mut(&id).map(Arc::make_mut) {
@@ -1491,12 +1837,26 @@ impl Actor {
         match result {
             Ok(()) => self.act(effects),
             Err(e) => {
-                tracing::error!(error = %e, "store write failed; resynchronising from the store");
                 let msg = e.to_string();
                 for eff in effects {
                     if let Effect::Reply(f) = eff {
                         f(Err(msg.clone()));
                     }
+                }
+                // Shards whose lease was lost (the write was fenced off): forget them; their
+                // new owner has them.
+                let lost: Vec<ShardId> = match &self.sharding {
+                    Some(sh) => {
+                        let held: BTreeSet<ShardId> = sh.shared.held().into_iter().collect();
+                        sh.owned.difference(&held).copied().collect()
+                    }
+                    None => Vec::new(),
+                };
+                if lost.is_empty() {
+                    tracing::error!(error = %e, "store write failed; resynchronising from the store");
+                } else {
+                    tracing::warn!(error = %e, shards = ?lost, "shards lost to another instance; dropping them");
+                    self.drop_shards(&lost);
                 }
                 self.resync(writes).await;
             }
@@ -1527,6 +1887,9 @@ impl Actor {
                 Write::Insert { record, .. } | Write::Update { record, .. } => record.id,
                 _ => continue,
             };
+            if !self.owns(id.0) {
+                continue;
+            }
             match self.store.get(id).await {
                 Ok(Some(rec)) => {
                     self.live.insert(id, Arc::new(rec));
@@ -1674,7 +2037,9 @@ impl Actor {
 
     fn call_run(&mut self, id: ExecutionId) {
         let (Some(rec), Some(inst)) = (self.live.get(&id), self.instance(id)) else {
-            tracing::error!(execution = %id, "no distributor instance for a dispatch");
+            if self.live.contains_key(&id) {
+                tracing::error!(execution = %id, "no distributor instance for a dispatch");
+            }
             return;
         };
         let expiry = self.now().plus(self.settings.token_ttl);

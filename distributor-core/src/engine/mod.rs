@@ -30,6 +30,7 @@
 mod actor;
 mod auth;
 mod clock;
+mod membership;
 mod state;
 
 use std::collections::BTreeMap;
@@ -212,6 +213,8 @@ pub(crate) enum Cmd {
     Wait(ExecutionId, oneshot::Sender<Result<ExecutionRecord>>),
     Reload(Catalog, Reply<()>),
     Defer(DistributorName, crate::types::DeferredWork),
+    Shards(actor::ShardChange, oneshot::Sender<()>),
+    Inbox(ExecutionId, crate::store::Routed, Reply<()>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -236,6 +239,8 @@ struct Shared {
     clock: Clock,
     notifier: Notifier,
     deferred_tx: mpsc::UnboundedSender<(DistributorName, crate::types::DeferredWork)>,
+    /// The membership task, on a shared store.
+    membership: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     _alive: AliveGuard,
 }
 
@@ -325,24 +330,24 @@ impl EngineBuilder {
         let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
         let secret = match self.secret {
             Some(s) => s,
-            None => match store.meta("notify_secret").await? {
-                Some(hex_secret) => hex::decode(hex_secret).map_err(|e| Error::Store {
+            None => {
+                // Made once; every instance sharing the store gets the first one stored.
+                let fresh: [u8; 32] = rand::random();
+                let stored = store
+                    .meta_init("notify_secret", &hex::encode(fresh))
+                    .await?;
+                hex::decode(stored).map_err(|e| Error::Store {
                     message: format!("corrupt notify_secret: {e}"),
                     transient: false,
                     source: None,
-                })?,
-                None => {
-                    let s: [u8; 32] = rand::random();
-                    store
-                        .apply(&[Write::Meta {
-                            key: "notify_secret".into(),
-                            value: hex::encode(s),
-                        }])
-                        .await?;
-                    s.to_vec()
-                }
-            },
+                })?
+            }
         };
+        // On a shared store: join, taking the free or expired shards up to a fair share.
+        let shared_store = store.shared();
+        if let Some(sh) = &shared_store {
+            sh.round().await?;
+        }
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (deferred_tx, deferred_rx) = mpsc::unbounded_channel();
         let clock = self.clock.unwrap_or_default();
@@ -382,6 +387,7 @@ impl EngineBuilder {
             clock,
             notifier: notifier.clone(),
             deferred_tx,
+            membership: std::sync::Mutex::new(None),
             _alive: AliveGuard(alive_tx),
         });
         let engine = Engine { shared };
@@ -400,6 +406,14 @@ impl EngineBuilder {
         })
         .await?;
         tokio::spawn(actor.run(cmd_rx, alive_rx));
+        if let Some(sh) = shared_store {
+            let task = tokio::spawn(membership::run(sh, engine.shared.cmd.clone()));
+            *engine
+                .shared
+                .membership
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(task);
+        }
         tokio::spawn(actor::route_deferred(
             engine.shared.cmd.clone(),
             deferred_rx,
@@ -716,7 +730,9 @@ impl Engine {
     }
 
     /// The event stream. Events are published after they are committed; a subscriber that falls
-    /// more than [`Settings::event_capacity`] behind gets a lag error and continues.
+    /// more than [`Settings::event_capacity`] behind gets a lag error and continues. On a store
+    /// shared by several instances, each instance publishes the events of the executions it
+    /// owns (a subscriber wanting all of them subscribes to every instance).
     pub fn events(&self) -> BroadcastStream<Event> {
         BroadcastStream::new(self.shared.events.subscribe())
     }
@@ -733,10 +749,30 @@ impl Engine {
 
     /// Stops gracefully: commits what is pending and stops the actor. Work in the backends keeps
     /// running; a new engine on the same store re-attaches to it.
+    ///
+    /// On a shared store, the instance then gives its shards up at once, so that the other
+    /// instances take its executions over without waiting for the leases to expire.
     pub async fn shutdown(&self) {
+        let task = self
+            .shared
+            .membership
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = &task {
+            t.abort();
+        }
         let (tx, rx) = oneshot::channel();
         if self.shared.cmd.send(Cmd::Shutdown(tx)).is_ok() {
             let _ = rx.await;
+        }
+        if let Some(t) = task {
+            let _ = t.await;
+            if let Some(sh) = self.shared.store.shared()
+                && let Err(e) = sh.leave().await
+            {
+                tracing::warn!(error = %e, "could not give the shards up; their leases will expire");
+            }
         }
     }
 }

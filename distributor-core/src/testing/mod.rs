@@ -68,5 +68,7 @@
 
 pub mod conformance;
 mod fake;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 
 pub use fake::{Call, FakeBackend, FakeConfig, FakeDistributor, FakeOutcome, FakeScript, PushMode};

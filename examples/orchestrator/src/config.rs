@@ -11,6 +11,10 @@
 //!
 //! [store]                     # optional
 //! path = ".distributor/engine.db"   # SQLite file; ":memory:" keeps nothing
+//! # or, for several orchestrator replicas on one PostgreSQL database:
+//! # url = "postgres://user@db.example:5432/distributor"
+//! # shards = 64                     # fixed when the database is first used
+//! # lease_ttl = "10s"               # how soon a dead replica's executions are taken over
 //!
 //! [server]                    # optional; `orchestrator serve` only (see [`ServerConfig`])
 //! allowed_hosts = ["orchestrator.internal"]
@@ -31,7 +35,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use distributor_core::store::{MemoryStore, SqliteStore, Store};
+use distributor_core::store::{MemoryStore, PostgresOptions, PostgresStore, SqliteStore, Store};
 use distributor_core::{
     ConfigError, ConfigProblem, DistributorsConfig, Engine, Error, Registry, Settings, nearest,
 };
@@ -48,6 +52,38 @@ pub enum StoreLocation {
     Sqlite(PathBuf),
     /// In memory: everything is lost on exit.
     Memory,
+    /// A PostgreSQL database that several orchestrator replicas may share.
+    Postgres {
+        /// `postgres://…` or `postgresql://…`.
+        url: String,
+        /// Shard count, used when the database is first used.
+        shards: u32,
+        /// Lease lifetime of a replica's shards.
+        lease_ttl: std::time::Duration,
+    },
+}
+
+impl StoreLocation {
+    /// What `--store` names: a `postgres://` (or `postgresql://`) URL, `:memory:`, or a SQLite
+    /// file path.
+    pub fn parse(s: &str) -> Self {
+        if is_postgres_url(s) {
+            let d = distributor_core::store::PostgresOptions::default();
+            Self::Postgres {
+                url: s.to_owned(),
+                shards: d.shards,
+                lease_ttl: d.lease_ttl,
+            }
+        } else if s == ":memory:" {
+            Self::Memory
+        } else {
+            Self::Sqlite(s.into())
+        }
+    }
+}
+
+fn is_postgres_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
 }
 
 /// A loaded, validated orchestrator config.
@@ -197,15 +233,17 @@ impl OrchestratorConfig {
         }
     }
 
-    /// The state directory: the SQLite file's directory (`.distributor` for the default store
-    /// and for `:memory:`).
+    /// The state directory: the SQLite file's directory (`.distributor` for the default store,
+    /// for `:memory:` and for PostgreSQL).
     pub fn state_dir(&self) -> PathBuf {
         match &self.store {
             StoreLocation::Sqlite(p) => p
                 .parent()
                 .filter(|d| !d.as_os_str().is_empty())
                 .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
-            StoreLocation::Memory => PathBuf::from(DEFAULT_STATE_DIR),
+            StoreLocation::Memory | StoreLocation::Postgres { .. } => {
+                PathBuf::from(DEFAULT_STATE_DIR)
+            }
         }
     }
 
@@ -235,6 +273,21 @@ impl OrchestratorConfig {
                 })?;
                 Arc::new(SqliteStore::open(p).await?)
             }
+            StoreLocation::Postgres {
+                url,
+                shards,
+                lease_ttl,
+            } => Arc::new(
+                PostgresStore::connect_with(
+                    url,
+                    PostgresOptions {
+                        shards: *shards,
+                        lease_ttl: *lease_ttl,
+                        ..PostgresOptions::default()
+                    },
+                )
+                .await?,
+            ),
         })
     }
 
@@ -329,6 +382,9 @@ fn parse_store(section: Section<'_>, problem: &mut impl FnMut(String, String)) -
         }
     };
     let mut out = default;
+    let pg = PostgresOptions::default();
+    let (mut url, mut shards, mut lease_ttl) = (None, pg.shards, pg.lease_ttl);
+    let mut pg_only = Vec::new();
     for (key, value) in section {
         match (key.as_str(), value.as_str()) {
             ("path", Some(":memory:")) => out = StoreLocation::Memory,
@@ -337,10 +393,66 @@ fn parse_store(section: Section<'_>, problem: &mut impl FnMut(String, String)) -
                 "/store/path".into(),
                 "expected a file path (or \":memory:\")".into(),
             ),
+            ("url", Some(u)) if is_postgres_url(u) => url = Some(u.to_owned()),
+            ("url", _) => problem(
+                "/store/url".into(),
+                "expected a postgres:// or postgresql:// URL".into(),
+            ),
+            ("shards", _) => match value.as_u64().and_then(|n| u32::try_from(n).ok()) {
+                Some(n) if (1..=4096).contains(&n) => {
+                    shards = n;
+                    pg_only.push(key.clone());
+                }
+                _ => problem(
+                    "/store/shards".into(),
+                    "expected an integer from 1 to 4096".into(),
+                ),
+            },
+            ("lease_ttl", _) => {
+                let d = match value {
+                    Value::String(s) => HumanDuration::parse(s).map(|d| d.0),
+                    Value::Number(n) => n
+                        .as_u64()
+                        .map(std::time::Duration::from_millis)
+                        .ok_or_else(|| "expected a duration".to_owned()),
+                    _ => Err("expected a duration such as \"10s\"".to_owned()),
+                };
+                match d {
+                    Ok(d) if d >= std::time::Duration::from_millis(300) => {
+                        lease_ttl = d;
+                        pg_only.push(key.clone());
+                    }
+                    Ok(_) => problem("/store/lease_ttl".into(), "must be at least 300ms".into()),
+                    Err(e) => problem("/store/lease_ttl".into(), e),
+                }
+            }
             (other, _) => problem(
                 format!("/store/{other}"),
-                format!("unknown field `{other}`; expected `path`"),
+                format!("unknown field `{other}`; expected `path`, `url`, `shards`, `lease_ttl`"),
             ),
+        }
+    }
+    match url {
+        Some(url) => {
+            if section.contains_key("path") {
+                problem(
+                    "/store/path".into(),
+                    "give either `path` (SQLite) or `url` (PostgreSQL), not both".into(),
+                );
+            }
+            out = StoreLocation::Postgres {
+                url,
+                shards,
+                lease_ttl,
+            };
+        }
+        None => {
+            for key in pg_only {
+                problem(
+                    format!("/store/{key}"),
+                    format!("`{key}` applies to a PostgreSQL store (`url`) only"),
+                );
+            }
         }
     }
     out
@@ -635,5 +747,53 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("did you mean `poll_interval`"), "{text}");
         assert!(text.contains("did you mean `local`"), "{text}");
+    }
+
+    #[test]
+    fn postgres_store_from_the_file_or_the_flag() {
+        let doc: Value = toml::from_str(
+            "[store]\nurl = \"postgres://u@db:5432/d\"\nshards = 16\nlease_ttl = \"4s\"",
+        )
+        .unwrap();
+        let c = OrchestratorConfig::from_value(&reg(), "t", &doc).unwrap();
+        assert_eq!(
+            c.store,
+            StoreLocation::Postgres {
+                url: "postgres://u@db:5432/d".into(),
+                shards: 16,
+                lease_ttl: std::time::Duration::from_secs(4),
+            }
+        );
+        assert!(matches!(
+            StoreLocation::parse("postgresql://h/d"),
+            StoreLocation::Postgres { shards: 64, .. }
+        ));
+        assert_eq!(StoreLocation::parse(":memory:"), StoreLocation::Memory);
+        assert_eq!(
+            StoreLocation::parse("x.db"),
+            StoreLocation::Sqlite("x.db".into())
+        );
+    }
+
+    #[test]
+    fn postgres_store_problems_have_pointers() {
+        let doc: Value =
+            toml::from_str("[store]\nurl = \"mysql://x\"\nshards = 0\nlease_ttl = \"1ms\"")
+                .unwrap();
+        let Err(Error::Config(e)) = OrchestratorConfig::from_value(&reg(), "t", &doc) else {
+            panic!("expected a config error");
+        };
+        let mut at: Vec<_> = e.problems.iter().map(|p| p.pointer.as_str()).collect();
+        at.sort_unstable();
+        assert_eq!(
+            at,
+            ["/store/lease_ttl", "/store/shards", "/store/url"],
+            "{e}"
+        );
+        let doc: Value = toml::from_str("[store]\npath = \"a.db\"\nshards = 8").unwrap();
+        let Err(Error::Config(e)) = OrchestratorConfig::from_value(&reg(), "t", &doc) else {
+            panic!("expected a config error");
+        };
+        assert!(e.to_string().contains("PostgreSQL store"), "{e}");
     }
 }

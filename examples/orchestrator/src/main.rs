@@ -55,6 +55,10 @@ enum Cmd {
         /// Address to listen on (port 0 picks a free port).
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
+        /// The store, overriding the config's `[store]`: a `postgres://` URL (several replicas
+        /// may serve one database), a SQLite file, or `:memory:`.
+        #[arg(long, env = "ORCHESTRATOR_STORE")]
+        store: Option<String>,
     },
     /// Submit tasks to a running server: a task file, or one task from flags.
     Submit {
@@ -170,7 +174,9 @@ async fn main_async(cli: Cli) -> CmdResult {
     let registry = orchestrator::registry().map_err(|e| e.to_string())?;
     match cli.cmd {
         Cmd::Run { file, progress } => run(&registry, cli.config.as_deref(), &file, progress).await,
-        Cmd::Serve { listen } => serve(&registry, cli.config.as_deref(), &listen).await,
+        Cmd::Serve { listen, store } => {
+            serve(&registry, cli.config.as_deref(), &listen, store.as_deref()).await
+        }
         Cmd::Validate { file } => validate(&registry, cli.config.as_deref(), &file).await,
         Cmd::Kinds { json } => kinds(&registry, json),
         Cmd::Workflow { cmd } => {
@@ -399,8 +405,16 @@ async fn run(
     })
 }
 
-async fn serve(registry: &Registry, config: Option<&Path>, listen: &str) -> CmdResult {
-    let cfg = OrchestratorConfig::load(registry, config).map_err(|e| e.to_string())?;
+async fn serve(
+    registry: &Registry,
+    config: Option<&Path>,
+    listen: &str,
+    store: Option<&str>,
+) -> CmdResult {
+    let mut cfg = OrchestratorConfig::load(registry, config).map_err(|e| e.to_string())?;
+    if let Some(s) = store {
+        cfg.store = StoreLocation::parse(s);
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
