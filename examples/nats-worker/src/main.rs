@@ -144,11 +144,11 @@ async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let credentials = match (&args.token, &args.user, &args.nkey_file) {
         (Some(token), _, _) => Credentials::Token {
-            token: token.clone(),
+            token: token.clone().into(),
         },
         (None, Some(user), _) => Credentials::UserPassword {
             user: user.clone(),
-            password: args.password.clone().unwrap_or_default(),
+            password: args.password.clone().unwrap_or_default().into(),
         },
         (None, None, Some(path)) => Credentials::NkeyFile { path: path.clone() },
         _ => Credentials::None,
