@@ -108,7 +108,9 @@ fn main() {
     rt.block_on(async {
         run("memory", Arc::new(MemoryStore::new()), n).await;
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path().join("bench.db")).await.unwrap();
+        let store = SqliteStore::open(dir.path().join("bench.db"))
+            .await
+            .unwrap();
         run("sqlite", Arc::new(store), n).await;
     });
 }
