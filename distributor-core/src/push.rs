@@ -179,15 +179,43 @@ struct PubSubMessage {
     message_id: Option<String>,
 }
 
-/// Parses a push body in either shape (see the [module docs](self)). Authentication is not
-/// done here: the `auth_token` attribute is left in [`Notification::attributes`] for
+/// Parses a push body in either shape (see the [module docs](self)), telling them apart by a
+/// top-level `message` or `subscription` member. Authentication is not done here: the
+/// `auth_token` attribute is left in [`Notification::attributes`] for
 /// [`Engine::notify`](crate::Engine::notify), which checks and removes it.
 ///
-/// Errors: [`PushError`] naming the field at fault (`/execution_id`, `/message/data`,
-/// `/message/attributes/execution_id`, `/message/attributes/sequence`, …).
+/// Numbers in attributes (`execution_id`, `sequence`) have one spelling: digits, no sign, no
+/// leading zeros, so that one push has one form.
+///
+/// Errors: [`PushError`] naming the field at fault (`""` for a body that is not a JSON object,
+/// `/execution_id`, `/message`, `/message/data`, `/message/attributes/execution_id`,
+/// `/message/attributes/sequence`, …).
 pub fn parse_push(body: &[u8]) -> Result<(ExecutionId, Notification), PushError> {
+    parse_push_as(body, false)
+}
+
+/// Like [`parse_push`], for a body known to come from Pub/Sub (its `User-Agent`, say): it MUST
+/// be in Pub/Sub's envelope, and a body without `message` is refused as such.
+pub fn parse_pubsub_push(body: &[u8]) -> Result<(ExecutionId, Notification), PushError> {
+    parse_push_as(body, true)
+}
+
+fn parse_push_as(body: &[u8], pubsub: bool) -> Result<(ExecutionId, Notification), PushError> {
     let doc: Value = parse(body)?;
-    if doc.get("message").is_some() {
+    if !doc.is_object() {
+        return Err(PushError::at(
+            "",
+            "a push is a JSON object: Pub/Sub's {\"message\": {...}, \"subscription\"} or \
+             {\"execution_id\", \"data\", \"attributes\", \"sequence\"}",
+        ));
+    }
+    if pubsub || doc.get("message").is_some() || doc.get("subscription").is_some() {
+        if doc.get("message").is_none() {
+            return Err(PushError::at(
+                "/message",
+                "a Pub/Sub push needs `message` (an object with `data` and `attributes`)",
+            ));
+        }
         let push: PubSubPush = parse(body)?;
         let m = push.message;
         let data = match &m.data {
@@ -202,18 +230,20 @@ pub fn parse_push(body: &[u8]) -> Result<(ExecutionId, Notification), PushError>
                 "missing attribute `execution_id`",
             )
         })?;
-        let id = raw_id.parse().map(ExecutionId).map_err(|_| {
-            PushError::at(
-                "/message/attributes/execution_id",
-                format!("`{raw_id}` is not an execution id"),
-            )
-        })?;
+        let id = parse_canonical_u64(raw_id)
+            .map(ExecutionId)
+            .ok_or_else(|| {
+                PushError::at(
+                    "/message/attributes/execution_id",
+                    format!("`{raw_id}` is not an execution id (digits, no leading zeros)"),
+                )
+            })?;
         let sequence = match m.attributes.get("sequence") {
             None => None,
-            Some(s) => Some(s.parse().map_err(|_| {
+            Some(s) => Some(parse_canonical_u64(s).ok_or_else(|| {
                 PushError::at(
                     "/message/attributes/sequence",
-                    format!("`{s}` is not an integer"),
+                    format!("`{s}` is not a sequence number (digits, no leading zeros)"),
                 )
             })?),
         };
@@ -245,6 +275,13 @@ pub fn parse_push(body: &[u8]) -> Result<(ExecutionId, Notification), PushError>
             },
         ))
     }
+}
+
+/// Digits only, no sign, no leading zeros (`0` itself is fine): one spelling per number.
+fn parse_canonical_u64(s: &str) -> Option<u64> {
+    let canonical =
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
+    canonical.then(|| s.parse().ok()).flatten()
 }
 
 /// Deserializes a JSON body, naming the field at fault by JSON Pointer.

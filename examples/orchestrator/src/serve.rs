@@ -50,13 +50,11 @@ use axum::extract::{Path, RawQuery, State as AxState};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use base64::Engine as _;
 use distributor_core::store::ListFilter;
 use distributor_core::{
     Engine, Error, ExecutionId, Notification, NotificationRejection, State, TaskId,
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -574,130 +572,21 @@ async fn poke(AxState(s): AxState<AppState>, Path(id): Path<String>) -> ApiResul
     Ok((StatusCode::ACCEPTED, axum::Json(json!({"poked": id.0}))).into_response())
 }
 
-/// A Google Pub/Sub push (`{"message": {...}, "subscription": ...}`). Unknown fields are
-/// ignored: Pub/Sub adds fields over time.
-#[derive(Debug, Deserialize)]
-struct PubSubPush {
-    message: PubSubMessage,
-    #[serde(default)]
-    #[allow(dead_code)]
-    subscription: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct PubSubMessage {
-    #[serde(default)]
-    data: Option<String>,
-    #[serde(default)]
-    attributes: BTreeMap<String, String>,
-    #[serde(default, alias = "message_id")]
-    #[serde(rename = "messageId")]
-    message_id: Option<String>,
-}
-
-/// A plain JSON push.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PlainPush {
-    execution_id: u64,
-    #[serde(default)]
-    data: Value,
-    #[serde(default)]
-    attributes: BTreeMap<String, String>,
-    #[serde(default)]
-    sequence: Option<u64>,
-    #[serde(default)]
-    message_id: Option<String>,
-}
-
 /// Whether a push body is in Pub/Sub's envelope (`message` or `subscription` at the top).
 fn is_pubsub_body(body: &[u8]) -> bool {
     serde_json::from_slice::<serde_json::Map<String, Value>>(body)
         .is_ok_and(|m| m.contains_key("message") || m.contains_key("subscription"))
 }
 
+/// Parses a push with the core's parser (`distributor_core::push`, the format's one
+/// definition), as a 400 naming the field when it does not parse.
 fn parse_push(body: &[u8], pubsub: bool) -> ApiResult<(ExecutionId, Notification)> {
-    let doc: Value = parse_body(body)?;
-    if !doc.is_object() {
-        return Err(ApiError::bad(
-            "",
-            "a push is a JSON object: Pub/Sub's {\"message\": {...}, \"subscription\"} or \
-             {\"execution_id\", \"data\", \"attributes\", \"sequence\"}",
-        ));
-    }
-    if pubsub || doc.get("message").is_some() || doc.get("subscription").is_some() {
-        if doc.get("message").is_none() {
-            return Err(ApiError::bad(
-                "/message",
-                "a Pub/Sub push needs `message` (an object with `data` and `attributes`)",
-            ));
-        }
-        let push: PubSubPush = parse_body(body)?;
-        let m = push.message;
-        let data = match &m.data {
-            None => Vec::new(),
-            Some(d) => base64::engine::general_purpose::STANDARD
-                .decode(d)
-                .map_err(|e| ApiError::bad("/message/data", format!("not base64: {e}")))?,
-        };
-        let raw_id = m.attributes.get("execution_id").ok_or_else(|| {
-            ApiError::bad(
-                "/message/attributes/execution_id",
-                "missing attribute `execution_id`",
-            )
-        })?;
-        let id = parse_canonical_u64(raw_id)
-            .map(ExecutionId)
-            .ok_or_else(|| {
-                ApiError::bad(
-                    "/message/attributes/execution_id",
-                    format!("`{raw_id}` is not an execution id (digits, no leading zeros)"),
-                )
-            })?;
-        let sequence = match m.attributes.get("sequence") {
-            None => None,
-            Some(s) => Some(parse_canonical_u64(s).ok_or_else(|| {
-                ApiError::bad(
-                    "/message/attributes/sequence",
-                    format!("`{s}` is not a sequence number (digits, no leading zeros)"),
-                )
-            })?),
-        };
-        let mut attributes = m.attributes;
-        attributes.remove("execution_id");
-        Ok((
-            id,
-            Notification {
-                data,
-                attributes,
-                message_id: m.message_id,
-                sequence,
-            },
-        ))
+    let parsed = if pubsub {
+        distributor_core::push::parse_pubsub_push(body)
     } else {
-        let p: PlainPush = parse_body(body)?;
-        let data = match p.data {
-            Value::Null => Vec::new(),
-            Value::String(s) => s.into_bytes(),
-            other => serde_json::to_vec(&other).unwrap_or_default(),
-        };
-        Ok((
-            ExecutionId(p.execution_id),
-            Notification {
-                data,
-                attributes: p.attributes,
-                message_id: p.message_id,
-                sequence: p.sequence,
-            },
-        ))
-    }
-}
-
-/// Digits only, no sign, no leading zeros (`0` itself is fine): one spelling per number.
-fn parse_canonical_u64(s: &str) -> Option<u64> {
-    let canonical =
-        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
-    canonical.then(|| s.parse().ok()).flatten()
+        distributor_core::push::parse_push(body)
+    };
+    parsed.map_err(|e| ApiError::bad(&e.pointer, crate::taskfile::humanize(&e.message)))
 }
 
 /// The 200 answer that makes Pub/Sub drop a push that can never succeed.
@@ -743,6 +632,7 @@ async fn notify(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
 
     #[test]
     fn pubsub_push_decodes_data_id_and_sequence() {
