@@ -547,7 +547,18 @@ impl Local {
                 Ok(true)
             }
             Ok(Err(StartFailure::NotStarted(e))) => {
-                let err = classify(format!("starting `{program}`"), e);
+                // A missing working directory fails the spawn with the same errno as a missing
+                // program: name the directory, or the user hunts for the wrong file.
+                let what = match spec.payload.cwd.as_deref() {
+                    Some(cwd) if !cwd.is_dir() => format!(
+                        "starting `{program}`: working directory `{}` does not exist or is not \
+                         a directory",
+                        cwd.display()
+                    ),
+                    Some(cwd) => format!("starting `{program}` in `{}`", cwd.display()),
+                    None => format!("starting `{program}`"),
+                };
+                let err = classify(what, e);
                 Err(self.failed_start(token, spec, from_run, err, true))
             }
             Ok(Err(StartFailure::Lost)) | Err(_) => {

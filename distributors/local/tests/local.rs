@@ -450,6 +450,21 @@ async fn missing_program_is_rejected_permanently_and_repeatably() {
 }
 
 #[tokio::test]
+async fn missing_working_directory_is_named_not_the_program() {
+    let state = tempfile::tempdir().unwrap();
+    let (d, _p) = build(config(state.path())).await;
+    let cwd = state.path().join("no-such-dir");
+    let t = task(15, "no-such-cwd", json!({"argv": ["true"], "cwd": cwd}));
+    let err = d.run(&t).await.unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("working directory `{}`", cwd.display())),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn unknown_tokens_are_missing_and_cancel_is_ok() {
     let state = tempfile::tempdir().unwrap();
     let (d, _p) = build(config(state.path())).await;
