@@ -84,6 +84,58 @@ pub enum Write {
     },
 }
 
+/// One record write of a batch, as the stores' SQL builders see it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RecordWrite<'a> {
+    /// The record as it is after the write.
+    pub record: &'a Arc<ExecutionRecord>,
+    /// The version the writer read (`None` for an insert).
+    pub expected: Option<u64>,
+    /// Its history rows.
+    pub history: &'a [HistoryEntry],
+}
+
+/// Cuts a batch into segments in which every record appears once (in batch order; a record
+/// written twice starts a new segment), and the other writes. There is always at least one
+/// segment, possibly empty. Shared by the SQL stores, which write a segment's records as
+/// multi-row statements.
+pub(crate) fn record_segments(batch: &[Write]) -> (Vec<Vec<RecordWrite<'_>>>, Vec<&Write>) {
+    let mut segments = Vec::new();
+    let mut seg = Vec::new();
+    let mut ids = std::collections::HashSet::new();
+    let mut others = Vec::new();
+    for w in batch {
+        let write = match w {
+            Write::Insert { record, history } => RecordWrite {
+                record,
+                expected: None,
+                history,
+            },
+            Write::Update {
+                record,
+                expected_version,
+                history,
+            } => RecordWrite {
+                record,
+                expected: Some(*expected_version),
+                history,
+            },
+            other => {
+                others.push(other);
+                continue;
+            }
+        };
+        if !ids.insert(write.record.id) {
+            segments.push(std::mem::take(&mut seg));
+            ids.clear();
+            ids.insert(write.record.id);
+        }
+        seg.push(write);
+    }
+    segments.push(seg);
+    (segments, others)
+}
+
 /// Which records [`Store::list`] returns. All set fields must match.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ListFilter {

@@ -645,52 +645,37 @@ struct Segment {
 }
 
 fn segments(shards: u32, batch: &[Write]) -> Result<(Vec<Segment>, Vec<&Write>)> {
-    let mut out = Vec::new();
-    let mut seg = Segment::default();
-    let mut ids = HashSet::new();
-    let mut others = Vec::new();
-    for w in batch {
-        let (record, expected, history) = match w {
-            Write::Insert { record, history } => (record, None, history),
-            Write::Update {
-                record,
-                expected_version,
-                history,
-            } => (record, Some(*expected_version), history),
-            other => {
-                others.push(other);
-                continue;
+    let (groups, others) = super::record_segments(batch);
+    let mut out = Vec::with_capacity(groups.len());
+    for group in groups {
+        let mut seg = Segment::default();
+        for w in group {
+            let record = w.record;
+            let row = RecordRow {
+                id: record.id.0 as i64,
+                shard: (record.id.0 % u64::from(shards)) as i32,
+                task_id: record.task_id.0 as i64,
+                state: record.state.as_str(),
+                live: !record.state.is_terminal(),
+                distributor: record.distributor.as_str().to_owned(),
+                version: record.version as i64,
+                expected: w.expected.unwrap_or(0) as i64,
+                json: serde_json::to_string(&**record).map_err(json_err)?,
+            };
+            match w.expected {
+                None => seg.inserts.push(row),
+                Some(_) => seg.updates.push(row),
             }
-        };
-        if !ids.insert(record.id) {
-            out.push(std::mem::take(&mut seg));
-            ids.clear();
-            ids.insert(record.id);
+            for h in w.history {
+                seg.history.push((
+                    h.execution_id.0 as i64,
+                    h.version as i64,
+                    serde_json::to_string(h).map_err(json_err)?,
+                ));
+            }
         }
-        let row = RecordRow {
-            id: record.id.0 as i64,
-            shard: (record.id.0 % u64::from(shards)) as i32,
-            task_id: record.task_id.0 as i64,
-            state: record.state.as_str(),
-            live: !record.state.is_terminal(),
-            distributor: record.distributor.as_str().to_owned(),
-            version: record.version as i64,
-            expected: expected.unwrap_or(0) as i64,
-            json: serde_json::to_string(&**record).map_err(json_err)?,
-        };
-        match expected {
-            None => seg.inserts.push(row),
-            Some(_) => seg.updates.push(row),
-        }
-        for h in history {
-            seg.history.push((
-                h.execution_id.0 as i64,
-                h.version as i64,
-                serde_json::to_string(h).map_err(json_err)?,
-            ));
-        }
+        out.push(seg);
     }
-    out.push(seg);
     Ok((out, others))
 }
 

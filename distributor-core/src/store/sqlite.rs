@@ -334,39 +334,23 @@ const ONE_TRIP_ROWS: usize = 16;
 const CHANGED_EXACTLY: &str = "SELECT abs(-9223372036854775807 - 1 + (changes() = ?));\n";
 
 /// Cuts a batch into segments in which every record appears once (in batch order), and the
-/// other writes.
+/// other writes, as SQLite rows ([`super::record_segments`]).
 fn segments(batch: &[Write]) -> Result<(Vec<Segment>, Vec<&Write>)> {
-    let mut segments = Vec::new();
-    let mut seg = Segment::default();
-    let mut ids = std::collections::HashSet::new();
-    let mut others = Vec::new();
-    for w in batch {
-        let (record, expected, history) = match w {
-            Write::Insert { record, history } => (record, None, history),
-            Write::Update {
-                record,
-                expected_version,
-                history,
-            } => (record, Some(*expected_version), history),
-            other => {
-                others.push(other);
-                continue;
+    let (groups, others) = super::record_segments(batch);
+    let mut segments = Vec::with_capacity(groups.len());
+    for group in groups {
+        let mut seg = Segment::default();
+        for w in group {
+            match w.expected {
+                None => seg.inserts.push(RecordRow::of(w.record, 0)?),
+                Some(v) => seg.updates.push(RecordRow::of(w.record, v)?),
             }
-        };
-        if !ids.insert(record.id) {
-            segments.push(std::mem::take(&mut seg));
-            ids.clear();
-            ids.insert(record.id);
+            for h in w.history {
+                seg.history.push(HistoryRow::of(h)?);
+            }
         }
-        match expected {
-            None => seg.inserts.push(RecordRow::of(record, 0)?),
-            Some(v) => seg.updates.push(RecordRow::of(record, v)?),
-        }
-        for h in history {
-            seg.history.push(HistoryRow::of(h)?);
-        }
+        segments.push(seg);
     }
-    segments.push(seg);
     Ok((segments, others))
 }
 
